@@ -138,13 +138,13 @@ def dense_greedy(
     params: Params, cfg: ModelConfig, prompt_ids: list[int], max_new_tokens: int
 ) -> list[int]:
     """Greedy continuation by re-running the dense forward each step (slow; for checks only)."""
-    logits_fn = jax.jit(lambda ids: dense_logits(params, cfg, ids[None])[0])
+    logits_fn = jax.jit(lambda p, ids: dense_logits(p, cfg, ids[None])[0])
     ids = list(prompt_ids)
     for _ in range(max_new_tokens):
         # pad to a multiple of 32 so the jit cache is reused; causal attention ignores the tail
         length = len(ids)
         padded = np.zeros(-(-length // 32) * 32, dtype=np.int32)
         padded[:length] = ids
-        next_id = int(jnp.argmax(logits_fn(jnp.asarray(padded))[length - 1]))
+        next_id = int(jnp.argmax(logits_fn(params, jnp.asarray(padded))[length - 1]))
         ids.append(next_id)
     return ids[len(prompt_ids) :]

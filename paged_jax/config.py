@@ -1,0 +1,136 @@
+"""Engine configuration: a frozen dataclass is the source of truth; yaml files and overrides
+fill it.
+
+A yaml file may name ``base_config: other.yaml`` (relative to itself); the base is read first
+and the file's own keys override it, MaxText style. ``key=value`` overrides come last (values
+parsed as yaml scalars). Unknown keys and a key set twice in one file or in the overrides are
+errors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2-135m"  # bundled alias, HF directory or .gguf path
+    dtype: str = "auto"  # params: auto (bf16 on GPU/TPU, f32 on CPU), float32, bfloat16, float16
+    kv_dtype: str = "auto"  # KV pages: auto = the params' dtype
+    page_size: int = 16
+    num_pages: int | None = None  # None: derive from the memory budget below
+    kv_memory_fraction: float = 0.9  # of free accelerator memory after weights
+    kv_cpu_bytes: int = 512 * 2**20  # KV byte budget on CPU
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    attn_impl: str = "auto"  # auto | reference | gpu | tpu
+    reserve_full: bool = False  # contiguous mode: reserve max_model_len pages per request
+    compilation_cache_dir: str | None = None  # JAX persistent compilation cache
+    warmup: bool = True  # precompile every bucket at start-up
+    seed: int = 0  # seeds unseeded requests (each still gets its own stream)
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "kv_cpu_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages={self.num_pages} must be >= 2 (page 0 is reserved)")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 1")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(f"kv_memory_fraction={self.kv_memory_fraction} must be in (0, 1]")
+        if self.attn_impl not in ("auto", "reference", "gpu", "tpu"):
+            raise ValueError(f"attn_impl={self.attn_impl!r} must be auto|reference|gpu|tpu")
+        for name in ("dtype", "kv_dtype"):
+            if getattr(self, name) not in ("auto", "float32", "bfloat16", "float16"):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be auto|float32|bfloat16|float16")
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return from_dict({**dataclasses.asdict(self), **changes}, source="replace()")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects a mapping key set twice."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ValueError(f"key {key!r} is set twice ({key_node.start_mark})")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
+    """Check ``value`` against the field's type (int accepted for float), naming the key."""
+    hint = typing.get_type_hints(EngineConfig)[name]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (str, bool) and isinstance(value, t):
+            return value
+    raise ValueError(f"{source}: {name}={value!r} must be of type {annotation}")
+
+
+def from_dict(values: dict[str, Any], *, source: str = "config") -> EngineConfig:
+    fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{source}: unknown config key(s) {unknown}; known: {sorted(fields)}")
+    coerced = {k: _coerce(k, v, fields[k].type, source) for k, v in values.items()}
+    return EngineConfig(**coerced)
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in chain:
+        raise ValueError(f"base_config cycle: {' -> '.join(map(str, chain + (path,)))}")
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of key: value")
+    base = data.pop("base_config", None)
+    if base is None:
+        return data
+    return {**_read_yaml(path.parent / base, chain + (path,)), **data}
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key=value")
+        if key in out:
+            raise ValueError(f"override key {key!r} is set twice")
+        out[key] = yaml.safe_load(raw) if raw else ""
+    return out
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None, **kwargs: Any
+) -> EngineConfig:
+    """yaml file (with its base_config chain), then ``key=value`` overrides, then kwargs."""
+    values = _read_yaml(Path(path)) if path is not None else {}
+    values.update(parse_overrides(overrides or []))
+    values.update(kwargs)
+    return from_dict(values, source=str(path) if path else "config")

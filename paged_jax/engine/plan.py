@@ -1,0 +1,57 @@
+"""StepPlan: what one engine step computes, as decided by the scheduler and read by `pack`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from paged_jax.engine.sequence import Sequence
+
+
+@dataclasses.dataclass(slots=True)  # not frozen: built per sequence per step, frozen is 5x slower
+class ScheduledSeq:
+    """One sequence's share of a step: tokens [start_position, start_position + num_new_tokens).
+    Read-only by convention.
+
+    token_ids and page_ids are snapshots taken at schedule time, so packing does not depend
+    on when `Scheduler.update` mutates the sequence. sample is true only when the chunk reaches
+    the end of the sequence's known tokens: its last logit then yields the next token, which
+    will be output number `sample_position`.
+    """
+
+    seq: Sequence
+    start_position: int
+    num_new_tokens: int
+    sample: bool
+    token_ids: tuple[int, ...]  # the num_new_tokens tokens to compute
+    page_ids: tuple[int, ...]  # the page table covering start_position + num_new_tokens tokens
+    sample_position: int  # len(output_token_ids) when scheduled
+
+    @property
+    def request_id(self) -> str:
+        return self.seq.request_id
+
+    @property
+    def kv_len(self) -> int:
+        """Tokens of this sequence in the cache once this step has written its K/V."""
+        return self.start_position + self.num_new_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """Scheduled sequences in packing order (decodes, then continuing prefills, then newly
+    admitted ones), and the sequences preempted while planning."""
+
+    scheduled: tuple[ScheduledSeq, ...]
+    preempted: tuple[Sequence, ...] = ()
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.scheduled)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.num_new_tokens for item in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled

@@ -1,0 +1,59 @@
+"""``load_model``: resolve ``model=`` (bundled alias, HF directory or .gguf path) and load the
+config, params and tokenizer together."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from paged_jax.io.bundled import BUNDLED, bundled_path
+from paged_jax.io.tokenizer import Tokenizer, load_tokenizer
+from paged_jax.io.weights import load_gguf, load_hf_dir
+from paged_jax.model.config import ModelConfig
+from paged_jax.model.llama import Params
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    config: ModelConfig
+    params: Params
+    tokenizer: Tokenizer
+    path: Path
+    load_seconds: float
+
+
+def resolve_model_path(model: str) -> Path:
+    """A bundled alias is fetched (once); a path must be an HF directory or a .gguf file."""
+    if model in BUNDLED:
+        return bundled_path(model)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"model={model!r}: directory has no config.json")
+        return path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model={model!r}: a file must be a .gguf")
+        return path
+    raise ValueError(
+        f"model={model!r} is neither a bundled alias ({', '.join(BUNDLED)}), "
+        "an existing HF model directory, nor a .gguf file"
+    )
+
+
+def load_model(model: str, dtype: Any = None) -> LoadedModel:
+    path = resolve_model_path(model)
+    start = time.perf_counter()
+    if path.is_dir():
+        cfg, params = load_hf_dir(path, dtype)
+    else:
+        cfg, params = load_gguf(path, dtype)
+    tokenizer = load_tokenizer(path)
+    seconds = time.perf_counter() - start
+    logger.info("loaded %s (%s, %d layers) in %.2fs", path.name, cfg.arch, cfg.num_layers, seconds)
+    return LoadedModel(cfg, params, tokenizer, path, seconds)

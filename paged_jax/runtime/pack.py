@@ -1,0 +1,142 @@
+"""`pack`: the one place host data becomes arrays. Turns a StepPlan into padded numpy arrays of
+one bucket's fixed shapes (T tokens, S sequences), ready to hand to the jitted step.
+
+Padding: tokens past the plan's total have token id 0, position 0, and slots inside NULL_PAGE;
+sequence rows past num_seqs have cu_q_lens repeating the last value, kv_len 0, a page table of
+NULL_PAGE, logits index 0 and do_sample False.
+
+Sampling: each row carries its request's seed and the output index of the token it samples
+(sample_positions). The sampler derives its key from (seed, sample_position) only, so a seeded
+request yields the same tokens whatever the batch, bucket or preemptions around it. Unseeded
+requests get a seed derived from their request id (and the engine's `default_seed`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import numpy as np
+
+from paged_jax.engine.page_allocator import NULL_PAGE
+from paged_jax.engine.plan import StepPlan
+from paged_jax.engine.sequence import Sequence
+
+_UINT32_MASK = 0xFFFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    token_ids: np.ndarray  # i32[T]
+    positions: np.ndarray  # i32[T]
+    slot_mapping: np.ndarray  # i32[T]  page * page_size + offset
+    cu_q_lens: np.ndarray  # i32[S + 1]
+    kv_lens: np.ndarray  # i32[S]  tokens in the cache, this step's included
+    page_tables: np.ndarray  # i32[S, max_pages_per_seq]
+    num_seqs: np.ndarray  # i32[1]
+    logits_indices: np.ndarray  # i32[S]  each sequence's last scheduled token in T
+    temperature: np.ndarray  # f32[S]  0 = greedy
+    top_k: np.ndarray  # i32[S]  -1 = off
+    top_p: np.ndarray  # f32[S]  1 = off
+    min_p: np.ndarray  # f32[S]  0 = off
+    seeds: np.ndarray  # u32[S]
+    sample_positions: np.ndarray  # i32[S]  output index the sampled token will have
+    do_sample: np.ndarray  # bool[S]
+
+
+def request_seed(seq: Sequence, default_seed: int = 0) -> int:
+    """The request's seed, or for an unseeded request a fixed value from its request id."""
+    seed = seq.sampling_params.seed
+    if seed is not None:
+        return seed & _UINT32_MASK
+    return zlib.crc32(seq.request_id.encode(), default_seed & _UINT32_MASK)
+
+
+def pack(
+    plan: StepPlan,
+    *,
+    num_tokens_bucket: int,
+    num_seqs_bucket: int,
+    page_size: int,
+    max_pages_per_seq: int,
+    default_seed: int = 0,
+) -> StepInputs:
+    num_seqs = plan.num_seqs
+    num_tokens = plan.num_tokens
+    if num_tokens > num_tokens_bucket:
+        raise ValueError(f"plan has {num_tokens} tokens, more than {num_tokens_bucket=}")
+    if num_seqs > num_seqs_bucket:
+        raise ValueError(f"plan has {num_seqs} sequences, more than {num_seqs_bucket=}")
+    T, S = num_tokens_bucket, num_seqs_bucket
+
+    q_lens = np.zeros(S, np.int32)  # i32[S]
+    kv_lens = np.zeros(S, np.int32)  # i32[S]
+    page_tables = np.full((S, max_pages_per_seq), NULL_PAGE, np.int32)
+    temperature = np.zeros(S, np.float32)
+    top_k = np.full(S, -1, np.int32)
+    top_p = np.ones(S, np.float32)
+    min_p = np.zeros(S, np.float32)
+    seeds = np.zeros(S, np.uint32)
+    sample_positions = np.zeros(S, np.int32)
+    do_sample = np.zeros(S, np.bool_)
+    token_ids: list[int] = []
+    for row, item in enumerate(plan.scheduled):
+        if len(item.page_ids) > max_pages_per_seq:
+            raise ValueError(
+                f"request {item.request_id!r} holds {len(item.page_ids)} pages, "
+                f"more than {max_pages_per_seq=}"
+            )
+        if item.kv_len > len(item.page_ids) * page_size:
+            raise ValueError(f"request {item.request_id!r}: kv_len {item.kv_len} exceeds pages")
+        token_ids.extend(item.token_ids)
+        q_lens[row] = item.num_new_tokens
+        kv_lens[row] = item.kv_len
+        page_tables[row, : len(item.page_ids)] = item.page_ids
+        params = item.seq.sampling_params
+        temperature[row] = params.temperature
+        top_k[row] = params.top_k
+        top_p[row] = params.top_p
+        min_p[row] = params.min_p
+        seeds[row] = request_seed(item.seq, default_seed)
+        sample_positions[row] = item.sample_position
+        do_sample[row] = item.sample
+
+    cu_q_lens = np.zeros(S + 1, np.int32)  # i32[S + 1]; padding rows repeat the last value
+    np.cumsum(q_lens, out=cu_q_lens[1:])
+    logits_indices = np.where(np.arange(S) < num_seqs, cu_q_lens[1:] - 1, 0).astype(np.int32)
+
+    # Each real token's row and position; positions run from kv_len - q_len to kv_len - 1.
+    rows = np.repeat(np.arange(num_seqs, dtype=np.int32), q_lens[:num_seqs])  # i32[num_tokens]
+    offsets = np.arange(num_tokens, dtype=np.int32) - cu_q_lens[rows]
+    real_positions = kv_lens[rows] - q_lens[rows] + offsets
+    real_slots = page_tables[rows, real_positions // page_size] * page_size + (
+        real_positions % page_size
+    )
+
+    positions = np.zeros(T, np.int32)
+    positions[:num_tokens] = real_positions
+    # Padding tokens write into NULL_PAGE, spread over its slots.
+    slot_mapping = (NULL_PAGE * page_size + np.arange(T, dtype=np.int32) % page_size).astype(
+        np.int32
+    )
+    slot_mapping[:num_tokens] = real_slots
+    token_array = np.zeros(T, np.int32)
+    token_array[:num_tokens] = token_ids
+
+    return StepInputs(
+        token_ids=token_array,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        cu_q_lens=cu_q_lens,
+        kv_lens=kv_lens,
+        page_tables=page_tables,
+        num_seqs=np.array([num_seqs], np.int32),
+        logits_indices=logits_indices,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        seeds=seeds,
+        sample_positions=sample_positions,
+        do_sample=do_sample,
+    )

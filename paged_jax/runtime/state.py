@@ -1,0 +1,80 @@
+"""The KV page state threaded through the jitted step, and how many pages fit a memory budget.
+
+``KVState`` is a registered dataclass pytree holding one K and one V page array per layer,
+each ``[Hkv, num_pages, page_size, Dh]`` (the kernel layout). Per-layer arrays let the step
+hand a layer's pages straight to the attention kernel and scatter new K/V into them in place
+(the state is donated), with no slicing of a stacked array. Page 0 is NULL_PAGE: padding
+tokens write there and nothing live is ever read from it.
+
+Page tables are not part of the state: the host allocator is their source of truth and each
+step uploads the rows it needs (``StepInputs.page_tables``, i32[S, max_pages_per_seq]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from paged_jax.model.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVState:
+    k_pages: tuple[jax.Array, ...]  # L x [Hkv, num_pages, page_size, Dh]
+    v_pages: tuple[jax.Array, ...]  # L x [Hkv, num_pages, page_size, Dh]
+
+    @classmethod
+    def create(
+        cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype
+    ) -> KVState:
+        shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype))  # one buffer per call
+        return cls(
+            k_pages=tuple(zeros() for _ in range(cfg.num_layers)),
+            v_pages=tuple(zeros() for _ in range(cfg.num_layers)),
+        )
+
+    @property
+    def num_pages(self) -> int:
+        return self.k_pages[0].shape[1]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k_pages + self.v_pages)
+
+
+def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: jnp.dtype) -> int:
+    """K and V bytes of one page across all layers."""
+    itemsize = jnp.dtype(dtype).itemsize
+    return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * itemsize
+
+
+def free_device_bytes() -> int | None:
+    """Free accelerator memory in bytes, or None where the backend does not report it (CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def num_pages_for_budget(
+    cfg: ModelConfig,
+    *,
+    page_size: int,
+    dtype: jnp.dtype,
+    memory_fraction: float,
+    cpu_bytes: int,
+) -> int:
+    """Pages that fit ``memory_fraction`` of free accelerator memory (``cpu_bytes`` on CPU)."""
+    free = free_device_bytes()
+    budget = cpu_bytes if free is None else int(free * memory_fraction)
+    num_pages = budget // bytes_per_page(cfg, page_size, dtype)
+    logger.info(
+        "KV budget %.2f GiB -> %d pages of %d tokens", budget / 2**30, num_pages, page_size
+    )
+    return int(num_pages)

@@ -1,0 +1,66 @@
+"""The jitted engine step: embed, per layer write K/V into pages and run ragged paged
+attention, logits at each sequence's last scheduled token, sample.
+
+One function serves prefill, decode and mixed batches; it is compiled once per (T, S) bucket
+with the KV state donated, so XLA scatters new K/V into the existing page buffers in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from paged_jax.kernels import ragged_paged_attention, write_kv
+from paged_jax.model.config import ModelConfig
+from paged_jax.model.llama import Params, compute_logits, forward
+from paged_jax.model.sampler import sample
+from paged_jax.runtime.state import KVState
+
+StepFn = Callable[[Params, KVState, dict[str, Any]], tuple[KVState, jax.Array]]
+
+
+def make_step(cfg: ModelConfig, *, attn_impl: str = "auto") -> StepFn:
+    """Build ``step(params, kv, inputs) -> (kv, sampled i32[S])`` (not yet jitted)."""
+    sm_scale = cfg.head_dim**-0.5
+
+    def step(params: Params, kv: KVState, inputs: dict[str, Any]) -> tuple[KVState, jax.Array]:
+        # inputs: the arrays of runtime.pack.StepInputs for one (T, S) bucket
+        def attn_fn(layer: int, q, k, v, cache):
+            # q: [T, Hq, Dh]; k, v: [T, Hkv, Dh]
+            k_pages, v_pages = cache
+            k_layer, v_layer = write_kv(
+                k_pages[layer], v_pages[layer], k, v, inputs["slot_mapping"]
+            )
+            out = ragged_paged_attention(
+                q,
+                k_layer,
+                v_layer,
+                inputs["kv_lens"],
+                inputs["page_tables"],
+                inputs["cu_q_lens"],
+                inputs["num_seqs"],
+                sm_scale=sm_scale,
+                impl=attn_impl,
+            )
+            k_pages = k_pages[:layer] + (k_layer,) + k_pages[layer + 1 :]
+            v_pages = v_pages[:layer] + (v_layer,) + v_pages[layer + 1 :]
+            return out, (k_pages, v_pages)
+
+        hidden, (k_pages, v_pages) = forward(
+            params, cfg, inputs["token_ids"], inputs["positions"], (kv.k_pages, kv.v_pages), attn_fn
+        )
+        logits = compute_logits(params, cfg, hidden[inputs["logits_indices"]])  # f32[S, V]
+        sampled = sample(
+            logits,
+            inputs["temperature"],
+            inputs["top_k"],
+            inputs["top_p"],
+            inputs["min_p"],
+            inputs["seeds"],
+            inputs["sample_positions"],
+        )
+        return KVState(k_pages=k_pages, v_pages=v_pages), sampled
+
+    return step
