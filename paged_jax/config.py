@@ -51,7 +51,9 @@ class EngineConfig:
             raise ValueError(f"attn_impl={self.attn_impl!r} must be auto|reference|gpu|tpu")
         for name in ("dtype", "kv_dtype"):
             if getattr(self, name) not in ("auto", "float32", "bfloat16", "float16"):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be auto|float32|bfloat16|float16")
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} must be auto|float32|bfloat16|float16"
+                )
 
     def replace(self, **changes: Any) -> EngineConfig:
         return from_dict({**dataclasses.asdict(self), **changes}, source="replace()")

@@ -23,10 +23,10 @@ from paged_jax.engine.scheduler import Scheduler, SchedulerConfig
 from paged_jax.engine.sequence import Sequence as Seq
 from paged_jax.io.detokenizer import IncrementalDetokenizer
 from paged_jax.io.loader import load_model
+from paged_jax.io.weights import resolve_dtype
 from paged_jax.runtime.buckets import Buckets
 from paged_jax.runtime.runner import ModelRunner, enable_compilation_cache
 from paged_jax.runtime.state import num_pages_for_budget
-from paged_jax.io.weights import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,17 @@ class _Request:
 class LLM:
     """``LLM(model="smollm2-135m", page_size=16, ...)``; options are ``EngineConfig`` fields."""
 
-    def __init__(self, model: str | None = None, *, config: str | None = None, **options: Any):
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        config: str | None = None,
+        overrides: list[str] | None = None,
+        **options: Any,
+    ) -> None:
         if model is not None:
             options["model"] = model
-        self.config: EngineConfig = load_config(config, **options)
+        self.config: EngineConfig = load_config(config, overrides, **options)
         cfg = self.config
         if cfg.compilation_cache_dir:
             enable_compilation_cache(cfg.compilation_cache_dir)
@@ -105,13 +112,31 @@ class LLM:
         )
         self.warmup_seconds = self.runner.warmup() if cfg.warmup else 0.0
         if cfg.warmup:
-            logger.info("warmup compiled %d buckets in %.1fs", len(self.runner.warmup_seconds),
-                        self.warmup_seconds)
+            logger.info(
+                "warmup compiled %d buckets in %.1fs",
+                len(self.runner.warmup_seconds),
+                self.warmup_seconds,
+            )
         self._num_requests = 0
-        self._stats = {"steps": 0, "scheduled_tokens": 0, "output_tokens": 0, "seconds": 0.0,
-                       "kv_utilization_sum": 0.0}
+        self._stats = {
+            "steps": 0,
+            "scheduled_tokens": 0,
+            "output_tokens": 0,
+            "seconds": 0.0,
+            "kv_utilization_sum": 0.0,
+        }
 
     # ------------------------------------------------------------------ prompts
+
+    def check_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """Text and token ids of one prompt that fits max_model_len; ValueError otherwise."""
+        text, ids = self.encode_prompt(prompt)
+        if len(ids) > self.scheduler_config.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, more than max_model_len="
+                f"{self.scheduler_config.max_model_len}"
+            )
+        return text, ids
 
     def encode_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """Text (when there is one) and token ids of one prompt; ValueError naming the problem."""
@@ -133,21 +158,23 @@ class LLM:
             vocab = self.model_config.vocab_size
             for i, t in enumerate(ids):
                 if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                    raise ValueError(f"prompt_token_ids[{i}]={t!r} is not a token id in [0, {vocab})")
+                    raise ValueError(
+                        f"prompt_token_ids[{i}]={t!r} is not a token id in [0, {vocab})"
+                    )
             return None, ids
-        raise ValueError(f"prompt must be a non-empty str, token id list or message list, got {prompt!r}")
+        raise ValueError(
+            f"prompt must be a non-empty str, token id list or message list, got {prompt!r}"
+        )
 
     def _make_request(self, prompt: Prompt, params: SamplingParams) -> _Request:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        text, ids = self.encode_prompt(prompt)
-        if len(ids) > self.scheduler_config.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens, more than max_model_len="
-                             f"{self.scheduler_config.max_model_len}")
+        text, ids = self.check_prompt(prompt)
         seq = Seq(str(self._num_requests), ids, params, prompt=text)
         self._num_requests += 1
-        detok = IncrementalDetokenizer(self.tokenizer, ids,
-                                       skip_special_tokens=params.skip_special_tokens)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens
+        )
         return _Request(seq, detok)
 
     # ------------------------------------------------------------------ the loop
@@ -226,7 +253,9 @@ class LLM:
             pass
         return [r.output() for r in requests]
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None
+    ) -> Iterator[str]:
         """Yield the text of one prompt's continuation piece by piece as it is generated."""
         request = self._make_request(prompt, sampling_params or SamplingParams())
         emitted = 0

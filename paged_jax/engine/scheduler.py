@@ -3,11 +3,14 @@ which pages they get; applies each step's sampled tokens and decides when reques
 
 Policy (first come, first served). Each step has a token budget (max_num_batched_tokens) and
 at most max_num_seqs sequences: running decodes first (1 token each), then running prefills
-(chunked to fit the budget), then waiting requests in order (also chunked). When a running
-sequence cannot get a page for even one token, the most recently admitted running sequence is
-preempted by recompute: its pages are freed, its outputs kept, and it goes back to the front of
-the waiting queue to be recomputed as prompt + outputs. The oldest running sequence is never a
-victim of another, so it always progresses.
+(chunked to fit the budget), then waiting requests in order (also chunked). A chunk also
+shrinks to the tokens that free pages can hold. When a running sequence cannot get a page for
+even one token, the most recently admitted running sequence is preempted by recompute (possibly
+itself: then it just waits): its pages are freed, its outputs kept, and it goes back to the
+front of the waiting queue to be recomputed as prompt + outputs. The oldest running sequence is
+never a victim of another, so it always progresses. Admission leaves one free page per running
+sequence, so that the next steps' decodes need not at once preempt the newcomer; no admission
+happens in a step that preempted.
 """
 
 from __future__ import annotations

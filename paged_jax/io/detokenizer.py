@@ -7,8 +7,9 @@ short window that starts a little before the new tokens (``prefix_offset``) twic
 without the tokens not yet emitted (from ``read_offset``), and emits the difference -- unless the
 window's text ends in U+FFFD, the mark of an unfinished UTF-8 sequence; then it waits for more.
 
-`IncrementalDetokenizer.text` is the generated text as it reads after the prompt (it may start
-with a space), and equals ``tokenizer.decode(prompt + generated)`` minus the prompt's text.
+`IncrementalDetokenizer.text` is the generated text as it reads after the prompt, so it may
+start with a space that ``tokenizer.decode(generated)`` alone would drop; without a prompt the
+two agree. A character left unfinished at the end stays held back until `flush`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from paged_jax.io.tokenizer import Tokenizer, TokenizersBackend, end_of_generation_ids
@@ -42,10 +42,13 @@ QWEN2_REGEX = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}" + _TAIL
 
 # family -> the tokenizer.ggml.pre values (as llama.cpp's converter writes them) that use it.
 PRE_TOKENIZER_FAMILIES: dict[str, tuple[str, ...]] = {
-    "gpt2": ("gpt2", "gpt-2", "phi-2", "mpt", "olmo"),
-    "gpt2_digits": ("smollm", "starcoder", "refact", "command-r"),
+    "gpt2": ("gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais"),
+    # Every digit alone first, then GPT-2's regex. HF transformers' GGUF loader skips the digit
+    # step, so after a whitespace run ("\n\n1") its ids differ from llama.cpp's and from the
+    # model's own tokenizer; we follow those two.
+    "gpt2_digits": ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"),
     "llama3": ("llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe"),
-    "qwen2": ("qwen2", "deepseek-r1-qwen"),
+    "qwen2": ("qwen2", "deepseek-r1-qwen", "stablelm2"),
 }
 # llama.cpp (like Llama 3's tokenizer.json) takes a whole pre-token found in the vocab as is.
 _IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3"}
@@ -63,7 +66,9 @@ def _family(pre: str | None) -> str:
 
 
 def byte_level_pre_tokenizer(family: str) -> pre_tokenizers.PreTokenizer:
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=family.startswith("gpt2"))
+    byte_level = pre_tokenizers.ByteLevel(
+        add_prefix_space=False, use_regex=family.startswith("gpt2")
+    )
     if family == "gpt2":
         return byte_level
     if family == "gpt2_digits":
@@ -118,19 +123,23 @@ def build_llama(meta: dict[str, Any]) -> HFTokenizer:
         raise ValueError("SentencePiece GGUF tokenizer lacks tokenizer.ggml.scores")
     scores = meta["tokenizer.ggml.scores"]
     if len(scores) != len(tokens):
-        raise ValueError(f"tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+        raise ValueError(
+            f"tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens"
+        )
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     bpe = models.BPE(
         _first_ids(tokens),
         _score_ranked_merges(tokens, scores, types),
-        unk_token=tokens[unk] if unk is not None else None,
+        unk_token=tokens[unk] if unk is not None and 0 <= unk < len(tokens) else None,
         fuse_unk=True,
         byte_fallback=BYTE in types,
     )
     tok = HFTokenizer(bpe)
+    # As in llama.cpp, every stretch of text between control/user-defined tokens gets the dummy
+    # prefix, even one that starts with a space: a normalizer does that, Metaspace does not.
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    scheme = "first" if prefix else "never"
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme=scheme, split=False)
+    spaces = [normalizers.Replace(" ", SPACE)]
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE)] * prefix + spaces)
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     return tok
@@ -155,32 +164,43 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str = "gguf") -> Token
         )
     if not meta.get("tokenizer.ggml.tokens"):
         raise ValueError(f"{source}: GGUF lacks tokenizer.ggml.tokens")
+    meta = dict(meta)
     tokens = meta["tokenizer.ggml.tokens"]
     meta.setdefault("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
     types = meta["tokenizer.ggml.token_type"]
     if len(types) != len(tokens):
-        raise ValueError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries, not {len(tokens)}")
+        raise ValueError(
+            f"{source}: tokenizer.ggml.token_type has {len(types)} entries, not {len(tokens)}"
+        )
     try:
         tok = BUILDERS[kind](meta)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from e
-    # Control tokens (and the unknown token) are special; user-defined ones match whole but stay text.
+    # Control and unknown tokens are special; user-defined ones match whole but stay plain text.
     tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=True)
-         if k in (CONTROL, UNKNOWN)]
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, k in zip(tokens, types, strict=True)
+            if k in (CONTROL, UNKNOWN)
+        ]
     )
     tok.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types, strict=True)
-         if k == USER_DEFINED]
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, k in zip(tokens, types, strict=True)
+            if k == USER_DEFINED
+        ]
     )
     backend = TokenizersBackend(tok)
     backend.vocab_size = len(tokens)  # repeated texts shrink the BPE's own count, not the ids
 
     def token_id(key: str) -> int | None:
         value = meta.get(key)
-        if value is None or not 0 <= int(value) < len(tokens):
-            return None if value is None else _bad_id(source, key, value, len(tokens))
-        return int(value)
+        if value is not None and not 0 <= int(value) < len(tokens):
+            raise ValueError(
+                f"{source}: {key}={value} is outside the vocab of {len(tokens)} tokens"
+            )
+        return None if value is None else int(value)
 
     eos = [token_id(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     return Tokenizer(
@@ -191,10 +211,6 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str = "gguf") -> Token
         chat_template=meta.get("tokenizer.chat_template"),
         source=source,
     )
-
-
-def _bad_id(source: str, key: str, value: Any, n: int) -> None:
-    raise ValueError(f"{source}: {key}={value} is outside the vocab of {n} tokens")
 
 
 def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from paged_jax.io.bundled import BUNDLED, bundled_path
+from paged_jax.io.gguf_tokenizer import tokenizer_from_metadata
 from paged_jax.io.tokenizer import Tokenizer, load_tokenizer
-from paged_jax.io.weights import load_gguf, load_hf_dir
+from paged_jax.io.weights import load_gguf, load_hf_dir, open_gguf, read_gguf_metadata
 from paged_jax.model.config import ModelConfig
 from paged_jax.model.llama import Params
 
@@ -51,9 +52,12 @@ def load_model(model: str, dtype: Any = None) -> LoadedModel:
     start = time.perf_counter()
     if path.is_dir():
         cfg, params = load_hf_dir(path, dtype)
-    else:
-        cfg, params = load_gguf(path, dtype)
-    tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path)
+    else:  # parse the GGUF once for weights and tokenizer (its vocab strings are slow to read)
+        reader = open_gguf(path)
+        meta = read_gguf_metadata(reader)
+        cfg, params = load_gguf(path, dtype, reader=reader, meta=meta)
+        tokenizer = tokenizer_from_metadata(meta, source=str(path))
     seconds = time.perf_counter() - start
     logger.info("loaded %s (%s, %d layers) in %.2fs", path.name, cfg.arch, cfg.num_layers, seconds)
     return LoadedModel(cfg, params, tokenizer, path, seconds)

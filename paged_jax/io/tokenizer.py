@@ -101,7 +101,10 @@ class Tokenizer:
         self.add_bos = bool(add_bos and bos_token_id is not None)
         self.chat_template = chat_template
         self.source = source
-        for name, i in [("bos_token_id", bos_token_id), *(("eos_token_ids", e) for e in self.eos_token_ids)]:
+        for name, i in [
+            ("bos_token_id", bos_token_id),
+            *(("eos_token_ids", e) for e in self.eos_token_ids),
+        ]:
             if i is not None and not 0 <= i < self.vocab_size:
                 raise ValueError(f"{source}: {name} {i} is outside the vocab of {self.vocab_size}")
 
@@ -136,17 +139,24 @@ class Tokenizer:
         return token_id in self.backend.special_ids
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, str]],
+        *,
+        add_generation_prompt: bool = True,
+        **template_vars: Any,
     ) -> str:
-        """Render ``messages`` with the model's chat template (a prompt string, not ids)."""
+        """Render ``messages`` with the model's chat template (a prompt string, not ids).
+
+        ``template_vars`` reach the template as extra variables (e.g. ``enable_thinking``).
+        Encode the result with ``add_bos=False`` when the template writes BOS itself.
+        """
         if self.chat_template is None:
             raise ValueError(f"{self.source}: this tokenizer has no chat template")
+        variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
+        variables |= template_vars
         try:
             return _compile_template(self.chat_template).render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
+                messages=messages, add_generation_prompt=add_generation_prompt, **variables
             )
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"{self.source}: chat template failed: {e}") from e
@@ -166,8 +176,8 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, indent: int | None = None) -> str:
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, **kw: Any) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, **kw)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -186,7 +196,6 @@ def _compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
-
 class SentencePieceBackend:
     """A ``sentencepiece`` model, plus whole-match of its control pieces and of extra added tokens.
 
@@ -195,7 +204,12 @@ class SentencePieceBackend:
     pieces) are cut out of the text first and the pieces between them encoded normally.
     """
 
-    def __init__(self, model_file: str | os.PathLike, added: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        model_file: str | os.PathLike,
+        added: dict[str, int] | None = None,
+        added_special: Iterable[int] = (),
+    ) -> None:
         import sentencepiece
 
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
@@ -205,10 +219,12 @@ class SentencePieceBackend:
         self.added_text = {i: t for t, i in self.added.items()}
         self.vocab_size = max([num_pieces - 1, *self.added.values()]) + 1
         unknown = [i for i in range(num_pieces) if self.sp.is_unknown(i)]
-        self.special_ids = frozenset([*self.added.values(), *unknown])
+        self.special_ids = frozenset([*controls.values(), *unknown, *added_special])
         self._num_pieces = num_pieces
         longest_first = sorted(self.added, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self.added else None
+        self._split = (
+            re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self.added else None
+        )
 
     def encode(self, text: str) -> list[int]:
         if self._split is None:
@@ -295,13 +311,15 @@ def _load_hf_folder(folder: Path) -> Tokenizer:
             raise ValueError(f"{folder / 'tokenizer.json'} is malformed: {e}") from e
         backend = TokenizersBackend(tok)
     elif (folder / "tokenizer.model").is_file():
-        added = {
-            t["content"]: int(i)
+        entries = [
+            (int(i), t)
             for i, t in tok_cfg.get("added_tokens_decoder", {}).items()
             if isinstance(t, dict) and "content" in t
-        }
+        ]
+        added = {t["content"]: i for i, t in entries}
+        special = [i for i, t in entries if t.get("special", True)]
         try:
-            backend = SentencePieceBackend(folder / "tokenizer.model", added)
+            backend = SentencePieceBackend(folder / "tokenizer.model", added, special)
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{folder / 'tokenizer.model'} is malformed: {e}") from e
     else:

@@ -220,11 +220,14 @@ def open_gguf(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
 
 
-def load_gguf(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, Params]:
+def load_gguf(
+    path: str | os.PathLike, dtype: Any = None, *, reader: Any = None, meta: Any = None
+) -> tuple[ModelConfig, Params]:
+    """Config and params of a GGUF file (pass an open ``reader``/``meta`` to parse it once)."""
     from gguf.quants import dequantize
 
-    reader = open_gguf(path)
-    meta = read_gguf_metadata(reader)
+    reader = reader if reader is not None else open_gguf(path)
+    meta = meta if meta is not None else read_gguf_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
     factors = None
     if "rope_freqs.weight" in tensors:

@@ -216,8 +216,8 @@ def llama3_inv_freq_scale(scaling: Llama3RopeScaling, inv_freq: list[float]) -> 
         elif wavelen > low_wavelen:
             out.append(f / scaling.factor)
         else:
-            smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
-                scaling.high_freq_factor - scaling.low_freq_factor
-            )
+            smooth = (
+                scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor
+            ) / (scaling.high_freq_factor - scaling.low_freq_factor)
             out.append((1 - smooth) * f / scaling.factor + smooth * f)
     return out

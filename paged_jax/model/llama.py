@@ -134,17 +134,13 @@ def dense_logits(params: Params, cfg: ModelConfig, token_ids: jax.Array) -> jax.
     return jax.vmap(one)(token_ids)
 
 
-def dense_greedy(
-    params: Params, cfg: ModelConfig, prompt_ids: list[int], max_new_tokens: int
-) -> list[int]:
-    """Greedy continuation by re-running the dense forward each step (slow; for checks only)."""
-    logits_fn = jax.jit(lambda p, ids: dense_logits(p, cfg, ids[None])[0])
-    ids = list(prompt_ids)
-    for _ in range(max_new_tokens):
-        # pad to a multiple of 32 so the jit cache is reused; causal attention ignores the tail
-        length = len(ids)
-        padded = np.zeros(-(-length // 32) * 32, dtype=np.int32)
-        padded[:length] = ids
-        next_id = int(jnp.argmax(logits_fn(params, jnp.asarray(padded))[length - 1]))
-        ids.append(next_id)
-    return ids[len(prompt_ids) :]
+def greedy_matches(
+    params: Params, cfg: ModelConfig, prompt_ids: list[int], continuation: list[int]
+) -> bool:
+    """Whether greedy decoding from ``prompt_ids`` yields ``continuation``: one teacher-forced
+    forward whose argmax at each step must be the next token (equivalent, and far cheaper)."""
+    ids = jnp.asarray(list(prompt_ids) + list(continuation), dtype=jnp.int32)
+    logits = dense_logits(params, cfg, ids[None])[0]  # [T, V]
+    start = len(prompt_ids) - 1
+    predicted = jnp.argmax(logits[start : start + len(continuation)], axis=-1)
+    return predicted.tolist() == list(continuation)

@@ -59,7 +59,9 @@ def sample(
     def filtered() -> jax.Array:
         order = jnp.argsort(-scaled, axis=-1)  # i32[S, V]
         sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-        choice = jax.vmap(jax.random.categorical)(keys, _filter_sorted(sorted_logits, top_k, top_p, min_p))
+        choice = jax.vmap(jax.random.categorical)(
+            keys, _filter_sorted(sorted_logits, top_k, top_p, min_p)
+        )
         return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
     def plain() -> jax.Array:

@@ -69,37 +69,50 @@ def pack(
         raise ValueError(f"plan has {num_seqs} sequences, more than {num_seqs_bucket=}")
     T, S = num_tokens_bucket, num_seqs_bucket
 
-    q_lens = np.zeros(S, np.int32)  # i32[S]
-    kv_lens = np.zeros(S, np.int32)  # i32[S]
     page_tables = np.full((S, max_pages_per_seq), NULL_PAGE, np.int32)
-    temperature = np.zeros(S, np.float32)
-    top_k = np.full(S, -1, np.int32)
-    top_p = np.ones(S, np.float32)
-    min_p = np.zeros(S, np.float32)
-    seeds = np.zeros(S, np.uint32)
-    sample_positions = np.zeros(S, np.int32)
-    do_sample = np.zeros(S, np.bool_)
     token_ids: list[int] = []
+    per_seq: list[tuple] = []  # per sequence: q_len, kv_len, sampling values
     for row, item in enumerate(plan.scheduled):
-        if len(item.page_ids) > max_pages_per_seq:
+        num_pages = len(item.page_ids)
+        if num_pages > max_pages_per_seq:
             raise ValueError(
-                f"request {item.request_id!r} holds {len(item.page_ids)} pages, "
-                f"more than {max_pages_per_seq=}"
+                f"request {item.request_id!r} holds {num_pages} pages, more than "
+                f"{max_pages_per_seq=}"
             )
-        if item.kv_len > len(item.page_ids) * page_size:
+        if item.kv_len > num_pages * page_size:
             raise ValueError(f"request {item.request_id!r}: kv_len {item.kv_len} exceeds pages")
         token_ids.extend(item.token_ids)
-        q_lens[row] = item.num_new_tokens
-        kv_lens[row] = item.kv_len
-        page_tables[row, : len(item.page_ids)] = item.page_ids
+        page_tables[row, :num_pages] = item.page_ids
         params = item.seq.sampling_params
-        temperature[row] = params.temperature
-        top_k[row] = params.top_k
-        top_p[row] = params.top_p
-        min_p[row] = params.min_p
-        seeds[row] = request_seed(item.seq, default_seed)
-        sample_positions[row] = item.sample_position
-        do_sample[row] = item.sample
+        per_seq.append(
+            (
+                item.num_new_tokens,
+                item.kv_len,
+                params.temperature,
+                params.top_k,
+                params.top_p,
+                params.min_p,
+                request_seed(item.seq, default_seed),
+                item.sample_position,
+                item.sample,
+            )
+        )
+    columns = list(zip(*per_seq, strict=True)) if per_seq else [()] * 9
+
+    def column(index: int, dtype: type, pad: float) -> np.ndarray:
+        out = np.full(S, pad, dtype)  # [S]
+        out[:num_seqs] = columns[index]
+        return out
+
+    q_lens = column(0, np.int32, 0)
+    kv_lens = column(1, np.int32, 0)
+    temperature = column(2, np.float32, 0.0)
+    top_k = column(3, np.int32, -1)
+    top_p = column(4, np.float32, 1.0)
+    min_p = column(5, np.float32, 0.0)
+    seeds = column(6, np.uint32, 0)
+    sample_positions = column(7, np.int32, 0)
+    do_sample = column(8, np.bool_, False)
 
     cu_q_lens = np.zeros(S + 1, np.int32)  # i32[S + 1]; padding rows repeat the last value
     np.cumsum(q_lens, out=cu_q_lens[1:])

@@ -30,9 +30,7 @@ class KVState:
     v_pages: tuple[jax.Array, ...]  # L x [Hkv, num_pages, page_size, Dh]
 
     @classmethod
-    def create(
-        cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype
-    ) -> KVState:
+    def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVState:
         shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype))  # one buffer per call
         return cls(
@@ -74,7 +72,5 @@ def num_pages_for_budget(
     free = free_device_bytes()
     budget = cpu_bytes if free is None else int(free * memory_fraction)
     num_pages = budget // bytes_per_page(cfg, page_size, dtype)
-    logger.info(
-        "KV budget %.2f GiB -> %d pages of %d tokens", budget / 2**30, num_pages, page_size
-    )
+    logger.info("KV budget %.2f GiB -> %d pages of %d tokens", budget / 2**30, num_pages, page_size)
     return int(num_pages)

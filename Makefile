@@ -1,0 +1,30 @@
+# Two commands on a fresh machine with Python >= 3.11 and make: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "paged_jax needs Python >= 3.11 (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/paged-jax generate --config configs/smollm2-135m.yaml \
+		--input examples/prompts.jsonl --output out/prompts.out.jsonl --print
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check paged_jax tests scripts
+	$(VENV)/bin/ruff format --check paged_jax tests scripts
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format paged_jax tests scripts
+
+clean:
+	rm -rf $(VENV) out

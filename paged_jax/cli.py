@@ -1,0 +1,133 @@
+"""``paged-jax``: the command line.
+
+``paged-jax generate --model M --input in.jsonl --output out.jsonl [--config c.yaml] [k=v ...]``
+reads one request per line (``prompt`` or ``messages``, optional ``id`` and sampling fields),
+serves every valid line in one continuous batch, and writes one line per input line in input
+order: ``id, text, token_ids, finish_reason`` — or ``id, error`` for a line that could not be
+served. A bad line never stops the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from paged_jax.engine.sampling_params import SamplingParams
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def _parse_line(llm: Any, line: str, index: int) -> tuple[str, Any, SamplingParams]:
+    """(id, prompt, params) of one jsonl line; ValueError naming the problem."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"line {index + 1} is not valid JSON: {e.msg}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"line {index + 1} must be a JSON object")
+    request_id = str(record.get("id", index))
+    has = [k for k in ("prompt", "messages", "prompt_token_ids") if k in record]
+    if len(has) != 1:
+        raise ValueError("exactly one of 'prompt', 'messages', 'prompt_token_ids' is required")
+    unknown = sorted(set(record) - _SAMPLING_FIELDS - {"id", has[0]})
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}")
+    params = SamplingParams(**{k: v for k, v in record.items() if k in _SAMPLING_FIELDS})
+    prompt = record[has[0]]
+    llm.check_prompt(prompt)
+    return request_id, prompt, params
+
+
+def generate(args: argparse.Namespace) -> int:
+    from paged_jax.llm import LLM
+
+    options = {"model": args.model} if args.model else {}
+    llm = LLM(config=args.config, overrides=args.overrides, **options)
+    lines = Path(args.input).read_text().splitlines()
+    results: list[dict[str, Any] | None] = []
+    valid: list[tuple[int, str, Any, SamplingParams]] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            request_id, prompt, params = _parse_line(llm, line, i)
+        except (ValueError, TypeError) as e:
+            results.append({"id": _line_id(line, i), "error": str(e)})
+            continue
+        valid.append((len(results), request_id, prompt, params))
+        results.append(None)
+    start = time.perf_counter()
+    outputs = llm.generate([v[2] for v in valid], [v[3] for v in valid], use_tqdm=not args.quiet)
+    seconds = time.perf_counter() - start
+    for (slot, request_id, _, _), out in zip(valid, outputs, strict=True):
+        completion = out.outputs[0]
+        results[slot] = {
+            "id": request_id,
+            "text": completion.text,
+            "token_ids": completion.token_ids,
+            "finish_reason": completion.finish_reason,
+        }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w") as f:
+        for r in results:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    if args.print:
+        for r in results:
+            body = r.get("text") if "text" in r else f"ERROR: {r['error']}"
+            print(f"--- {r['id']}\n{body}")
+    stats = llm.stats()
+    num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    summary = {
+        "requests": len(outputs),
+        "errors": len(results) - len(outputs),
+        "output_tokens": num_tokens,
+        "seconds": round(seconds, 3),
+        "output_tok_s": round(num_tokens / seconds, 2) if seconds else 0.0,
+        "preemptions": stats["preemptions"],
+        "kv_utilization": round(stats["kv_utilization"], 4),
+        "compiles_after_warmup": stats["compiles_after_warmup"],
+        "warmup_seconds": round(stats["warmup_seconds"], 2),
+    }
+    print("summary " + json.dumps(summary))
+    return 0
+
+
+def _line_id(line: str, index: int) -> str:
+    try:
+        record = json.loads(line)
+        if isinstance(record, dict) and "id" in record:
+            return str(record["id"])
+    except json.JSONDecodeError:
+        pass
+    return str(index)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="paged-jax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="batch generation over a jsonl file")
+    gen.add_argument("--model", help="bundled alias, HF directory or .gguf (default: config's)")
+    gen.add_argument("--input", required=True, help="jsonl: prompt|messages, id, sampling fields")
+    gen.add_argument("--output", required=True, help="jsonl written in input order")
+    gen.add_argument("--config", help="engine yaml (base_config chaining allowed)")
+    gen.add_argument("--print", action="store_true", help="also print each result")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("overrides", nargs="*", help="engine config overrides, key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return generate(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Ragged paged attention benchmark on one GPU (DESIGN.md §8).
+
+In one run: our Pallas GPU kernel, JAX's Pallas GPU paged_attention (decode only; its own
+arguments), the XLA reference, cuDNN dense attention on contiguous [B, ctx, H, D] K/V, and a
+1 GiB device copy (bytes read + written / time) as the bandwidth yardstick. Page tables are a
+random permutation (no page reused). Each timing is the median of >= 30 synchronised samples
+after warm-up; a sample runs the call `inner` times back to back and blocks once, so Python
+dispatch overlaps the device work. Prints one JSON line per (case, impl); writes results.json
+and results.md to --out.
+
+Effective bandwidth = K+V bytes the case must read / time; ratio = that / copy bandwidth.
+Prefill cases also report attention TFLOP/s; their cuDNN baseline is non-causal attention of
+the chunk over the whole context (it cannot place a causal diagonal at the chunk's offset),
+which does 4-12% more work than the causal chunk here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from paged_jax.kernels import gpu, reference  # noqa: E402
+
+DECODE = [(8, 4096), (32, 4096), (64, 2048), (128, 1024), (256, 512), (256, 2048)]
+PREFILL = [(8, 256, 2048), (8, 512, 2048)]  # (batch, q_len, ctx)
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+DTYPE = jnp.bfloat16
+
+
+def time_fn(fn, args, *, reps: int, target_s: float = 2e-3) -> float:
+    """Median seconds per call over `reps` synchronised samples."""
+    jax.block_until_ready(fn(*args))  # compile
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    once = time.perf_counter() - t0
+    inner = max(1, min(50, int(target_s / max(once, 1e-6))))
+    for _ in range(3):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(reps: int) -> float:
+    x = jnp.arange(1 << 28, dtype=jnp.uint32)  # 1 GiB
+    fn = jax.jit(lambda a: a ^ jnp.uint32(1))
+    t = time_fn(fn, (x,), reps=reps)
+    return 2 * x.nbytes / t
+
+
+def paged_inputs(rng, batch: int, q_len: int, ctx: int):
+    pages_per_seq = ctx // PAGE
+    num_pages = batch * pages_per_seq + 1  # page 0 = NULL_PAGE
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    kk, kv, kq = jax.random.split(key, 3)
+    k_pages = jax.random.normal(kk, (HKV, num_pages, PAGE, D), DTYPE)
+    v_pages = jax.random.normal(kv, (HKV, num_pages, PAGE, D), DTYPE)
+    q = jax.random.normal(kq, (batch * q_len, HQ, D), DTYPE)
+    tables = rng.permutation(np.arange(1, num_pages)).reshape(batch, pages_per_seq)
+    kv_lens = np.full(batch, ctx, np.int32)
+    cu = np.arange(batch + 1, dtype=np.int32) * q_len
+    meta = tuple(jnp.asarray(a, jnp.int32) for a in (kv_lens, tables, cu, [batch]))
+    return q, k_pages, v_pages, *meta
+
+
+def dense_from_pages(k_pages, tables, batch: int, ctx: int):
+    """Contiguous [B, ctx, Hkv, D] copy of the paged cache (for cuDNN)."""
+    k = k_pages[:, tables]  # [Hkv, B, pages, PAGE, D]
+    return k.reshape(HKV, batch, ctx, D).transpose(1, 2, 0, 3)
+
+
+def config_name(c: gpu.GpuBlockSizes) -> str:
+    return (
+        f"ours[d{c.decode_kv_tokens}/{c.decode_stages}/{c.decode_warps},t{c.target_programs},"
+        f"p{c.prefill_kv_tokens}/{c.prefill_stages}/{c.prefill_warps},m{c.prefill_rows}]"
+    )
+
+
+SWEEP = [
+    gpu.GpuBlockSizes(decode_kv_tokens=64, decode_stages=3, prefill_kv_tokens=128,
+                      prefill_stages=3, prefill_warps=8, prefill_rows=128),
+    gpu.GpuBlockSizes(decode_warps=8, decode_stages=3, target_programs=512,
+                      prefill_kv_tokens=64, prefill_stages=3, prefill_warps=4),
+]  # fmt: skip
+
+
+def run_case(
+    kind: str, batch: int, q_len: int, ctx: int, copy_bw: float, reps: int, rng, sweep: bool
+):
+    q, k_pages, v_pages, kv_lens, tables, cu, num_seqs = paged_inputs(rng, batch, q_len, ctx)
+    sm_scale = 1.0 / math.sqrt(D)
+    kv_bytes = 2 * batch * ctx * HKV * D * jnp.dtype(DTYPE).itemsize
+    causal_keys = sum(ctx - q_len + i + 1 for i in range(q_len)) * batch
+    flops = 4 * causal_keys * HQ * D
+    args = (q, k_pages, v_pages, kv_lens, tables, cu, num_seqs)
+    impls = {
+        "ours": jax.jit(lambda *a: gpu.ragged_paged_attention(*a, sm_scale=sm_scale)),
+        "xla_reference": jax.jit(
+            lambda *a: reference.ragged_paged_attention(*a, sm_scale=sm_scale)
+        ),
+    }
+    impl_args = {"ours": args, "xla_reference": args}
+    for cfg in SWEEP if sweep else []:
+        impls[config_name(cfg)] = jax.jit(
+            functools.partial(gpu.ragged_paged_attention, sm_scale=sm_scale, block_sizes=cfg)
+        )
+        impl_args[config_name(cfg)] = args
+    if kind == "decode":
+        try:
+            from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
+
+            impls["jax_pallas_paged"] = jax.jit(
+                lambda q_, k_, v_, t_, l_: jax_pa.paged_attention(q_ * sm_scale, k_, v_, t_, l_)
+            )
+            impl_args["jax_pallas_paged"] = (q, k_pages, v_pages, tables, kv_lens)
+        except ImportError as e:
+            print(f"# jax pallas paged_attention unavailable: {e}", file=sys.stderr)
+    k_dense = dense_from_pages(k_pages, tables, batch, ctx)
+    v_dense = dense_from_pages(v_pages, tables, batch, ctx)
+    q_dense = q.reshape(batch, q_len, HQ, D)
+    impls["cudnn_dense"] = jax.jit(
+        lambda q_, k_, v_: jax.nn.dot_product_attention(
+            q_, k_, v_, scale=sm_scale, implementation="cudnn"
+        )
+    )
+    impl_args["cudnn_dense"] = (q_dense, k_dense, v_dense)
+
+    ref_out = None
+    rows = []
+    for name, fn in impls.items():
+        try:
+            out = jax.block_until_ready(fn(*impl_args[name]))
+            err = None
+            if name.startswith("ours") or name == "xla_reference":
+                flat = np.asarray(out.astype(jnp.float32))
+                if ref_out is None:
+                    ref_out = flat
+                else:
+                    err = float(np.linalg.norm(flat - ref_out) / np.linalg.norm(ref_out))
+            t = time_fn(fn, impl_args[name], reps=reps)
+        except Exception as e:  # noqa: BLE001 - a failing peer must not stop the run
+            rows.append(dict(case=kind, impl=name, error=f"{type(e).__name__}: {e}"[:300]))
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        row = dict(
+            case=kind, batch=batch, q_len=q_len, ctx=ctx, impl=name, us=round(t * 1e6, 1),
+            tbps=round(kv_bytes / t / 1e12, 3), ratio_copy=round(kv_bytes / t / copy_bw, 3),
+            tflops=round(flops / t / 1e12, 1),
+        )  # fmt: skip
+        if err is not None:
+            row["rel_err_vs_ours"] = err
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], copy_bw: float) -> str:
+    lines = [
+        f"copy bandwidth: {copy_bw / 1e12:.2f} TB/s (1 GiB, read + write)",
+        "",
+        "| case | B | q_len | ctx | impl | us | TB/s | x copy | TFLOP/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | | | | {r['impl']} | error | | | |")
+            continue
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['q_len']} | {r['ctx']} | {r['impl']} | "
+            f"{r['us']} | {r['tbps']} | {r['ratio_copy']} | {r['tflops']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--only", choices=["decode", "prefill"], default=None)
+    parser.add_argument("--sweep", action="store_true", help="also time tile-size variants")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    print(f"# {jax.devices()[0].device_kind} jax {jax.__version__}", flush=True)
+    copy_bw = copy_bandwidth(args.reps)
+    print(json.dumps(dict(case="copy", tbps=round(copy_bw / 1e12, 3))), flush=True)
+    rows = []
+    if args.only in (None, "decode"):
+        for batch, ctx in DECODE:
+            rows += run_case("decode", batch, 1, ctx, copy_bw, args.reps, rng, args.sweep)
+    if args.only in (None, "prefill"):
+        for batch, q_len, ctx in PREFILL:
+            rows += run_case("prefill", batch, q_len, ctx, copy_bw, args.reps, rng, args.sweep)
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, copy_tbps=copy_bw / 1e12)
+    (args.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (args.out / "results.md").write_text(markdown(rows, copy_bw))
+    print(markdown(rows, copy_bw))
+
+
+if __name__ == "__main__":
+    main()

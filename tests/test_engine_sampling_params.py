@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from paged_jax.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from paged_jax.engine.sampling_params import SamplingParams
+
+
+def test_defaults_are_valid():
+    params = SamplingParams()
+    assert params.temperature == 1.0 and params.top_k == -1 and params.max_tokens == 16
+    assert params.stop_strings == () and not params.greedy
+    assert SamplingParams(temperature=0).greedy
+    assert SamplingParams(stop="x").stop_strings == ("x",)
+    assert SamplingParams(stop=["a", "bc"]).stop_strings == ("a", "bc")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": 1.1}, "min_p"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": "7"}, "seed"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 17}, "min_tokens"),
+        ({"stop": ""}, "stop"),
+        ({"stop": ["ok", ""]}, "stop"),
+        ({"stop": 5}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": 5}, "stop_token_ids"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"skip_special_tokens": None}, "skip_special_tokens"),
+    ],
+)
+def test_bad_field_raises_naming_it(kwargs, field):
+    with pytest.raises(ValueError, match=rf"\b{field}="):
+        SamplingParams(**kwargs)
+
+
+def test_edges_are_accepted():
+    SamplingParams(temperature=0.0, top_p=1.0, top_k=1, min_p=1.0, seed=0)
+    SamplingParams(max_tokens=1, min_tokens=1, stop_token_ids=[], logprobs=0)
+
+
+def test_params_are_frozen():
+    params = SamplingParams()
+    with pytest.raises(AttributeError):
+        params.temperature = 0.5  # type: ignore[misc]
+
+
+def test_metrics_and_outputs():
+    metrics = RequestMetrics(arrival_time=10.0)
+    assert metrics.time_to_first_token is None and metrics.latency is None
+    metrics.first_token_time = 10.25
+    metrics.finished_time = 11.5
+    assert metrics.time_to_first_token == 0.25 and metrics.latency == 1.5
+    completion = CompletionOutput(0, "hi", [1, 2], finish_reason="stop", stop_reason=2)
+    output = RequestOutput("r", "p", [5], [completion], finished=True, metrics=metrics)
+    assert output.outputs[0].finished and output.metrics.latency == 1.5

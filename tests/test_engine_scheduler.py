@@ -1,0 +1,259 @@
+from __future__ import annotations
+
+import pytest
+
+from paged_jax.engine.sampling_params import SamplingParams
+from paged_jax.engine.scheduler import Scheduler, SchedulerConfig
+from paged_jax.engine.sequence import Sequence, SequenceStatus
+
+EOS = 2
+
+
+def config(**overrides) -> SchedulerConfig:
+    fields = dict(
+        max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64, page_size=4, num_pages=100
+    )
+    fields.update(overrides)
+    return SchedulerConfig(**fields)
+
+
+def seq(request_id: str, num_prompt_tokens: int, **params) -> Sequence:
+    params.setdefault("max_tokens", 100)
+    return Sequence(request_id, range(10, 10 + num_prompt_tokens), SamplingParams(**params))
+
+
+def summary(plan) -> list[tuple[str, int, int, bool]]:
+    return [(i.request_id, i.start_position, i.num_new_tokens, i.sample) for i in plan.scheduled]
+
+
+def step(scheduler: Scheduler, token_id: int = 7):
+    plan = scheduler.schedule()
+    finished = scheduler.update(plan, [token_id] * plan.num_seqs)
+    return plan, finished
+
+
+def test_decodes_first_then_prefills_then_new_with_chunks_filling_budget():
+    scheduler = Scheduler(config())
+    a, b, c = seq("a", 4), seq("b", 12), seq("c", 5)
+    scheduler.add(a)
+    plan, _ = step(scheduler)
+    assert summary(plan) == [("a", 0, 4, True)]
+    scheduler.add(b)
+    plan, _ = step(scheduler)
+    assert summary(plan) == [("a", 4, 1, True), ("b", 0, 7, False)]
+    scheduler.add(c)
+    plan, _ = step(scheduler)
+    assert summary(plan) == [("a", 5, 1, True), ("b", 7, 5, True), ("c", 0, 2, False)]
+    assert plan.num_tokens == 8
+    assert plan.scheduled[1].token_ids == tuple(range(17, 22))
+    plan, _ = step(scheduler)
+    assert summary(plan) == [("a", 6, 1, True), ("b", 12, 1, True), ("c", 2, 3, True)]
+    assert a.output_token_ids == [7, 7, 7, 7] and c.output_token_ids == [7]
+
+
+def test_chunked_prefill_of_a_long_prompt():
+    scheduler = Scheduler(config(max_num_batched_tokens=6))
+    long = seq("long", 20)
+    scheduler.add(long)
+    plans = [step(scheduler)[0] for _ in range(4)]
+    assert [summary(p) for p in plans] == [
+        [("long", 0, 6, False)],
+        [("long", 6, 6, False)],
+        [("long", 12, 6, False)],
+        [("long", 18, 2, True)],
+    ]
+    assert plans[1].scheduled[0].page_ids == (1, 2, 3)  # covers 12 tokens
+    assert long.num_computed_tokens == 20 and long.output_token_ids == [7]
+
+
+def test_max_num_seqs_is_respected():
+    scheduler = Scheduler(config(max_num_seqs=2, max_num_batched_tokens=100))
+    seqs = [seq(name, 3, max_tokens=2) for name in "abc"]
+    for s in seqs:
+        scheduler.add(s)
+    plan, _ = step(scheduler)
+    assert [i.request_id for i in plan.scheduled] == ["a", "b"]
+    assert scheduler.num_waiting_seqs == 1
+    plan, finished = step(scheduler)
+    assert [i.request_id for i in plan.scheduled] == ["a", "b"]
+    assert finished == seqs[:2]
+    plan, _ = step(scheduler)
+    assert summary(plan) == [("c", 0, 3, True)]
+
+
+def test_preemption_picks_newest_and_requeues_it_in_front():
+    # 4 usable pages of 4 tokens.
+    cfg = config(page_size=4, num_pages=5, max_model_len=16, max_num_batched_tokens=16)
+    scheduler = Scheduler(cfg)
+    a, b, c = seq("a", 2, max_tokens=4), seq("b", 7), seq("c", 1)
+    for s in (a, b, c):
+        scheduler.add(s)
+    plan, _ = step(scheduler)
+    # c is not admitted: admission leaves a spare page per running sequence.
+    assert summary(plan) == [("a", 0, 2, True), ("b", 0, 7, True)]
+    assert [len(a.page_ids), len(b.page_ids)] == [1, 2] and scheduler.num_waiting_seqs == 1
+    step(scheduler)
+    plan, _ = step(scheduler)  # b takes the last page for position 8
+    assert summary(plan) == [("a", 3, 1, True), ("b", 8, 1, True)]
+    assert scheduler.allocator.num_free_pages == 0
+    # a needs a page for position 4: b (newest) is preempted, keeps its outputs, goes before c.
+    plan, finished = step(scheduler)
+    assert plan.preempted == (b,) and scheduler.num_preemptions == 1
+    assert summary(plan) == [("a", 4, 1, True)] and finished == [a]
+    assert b.status is SequenceStatus.WAITING and b.page_ids == [] and b.num_computed_tokens == 0
+    assert b.output_token_ids == [7, 7, 7] and b.num_preemptions == 1
+    # b is recomputed as prompt + outputs; its sampled token becomes output number 3.
+    assert list(scheduler._waiting) == [b, c]
+    plan, _ = step(scheduler)
+    assert summary(plan) == [("b", 0, 10, True)]
+    assert plan.scheduled[0].sample_position == 3
+    assert b.output_token_ids == [7, 7, 7, 7]
+
+
+def test_sequence_preempts_itself_when_newest():
+    cfg = config(page_size=4, num_pages=5, max_model_len=16, max_num_batched_tokens=16)
+    scheduler = Scheduler(cfg)
+    a, b = seq("a", 4), seq("b", 6)
+    scheduler.add(a)
+    scheduler.add(b)
+    plan, _ = step(scheduler)
+    assert summary(plan) == [("a", 0, 4, True), ("b", 0, 6, True)]
+    plan, _ = step(scheduler)  # a takes the last page
+    assert scheduler.allocator.num_free_pages == 0
+    step(scheduler)
+    # b needs a page for position 8 and is the newest running sequence: it waits.
+    plan, _ = step(scheduler)
+    assert summary(plan) == [("a", 6, 1, True)] and plan.preempted == (b,)
+    assert b.status is SequenceStatus.WAITING and scheduler.num_running_seqs == 1
+
+
+def test_victim_scheduled_earlier_in_the_step_is_unscheduled():
+    # White-box: make an older prefill meet a newer decode that took the last page.
+    cfg = config(page_size=4, num_pages=5, max_model_len=16, max_num_batched_tokens=16)
+    scheduler = Scheduler(cfg)
+    b, a = seq("b", 4), seq("a", 12)
+    scheduler.add(b)
+    scheduler.add(a)
+    plan, _ = step(scheduler)
+    assert summary(plan) == [("b", 0, 4, True), ("a", 0, 8, False)]
+    scheduler._running = [a, b]  # pretend a was admitted first
+    plan = scheduler.schedule()
+    assert plan.preempted == (b,)
+    assert summary(plan) == [("a", 8, 4, True)] and plan.num_tokens == 4
+    assert len(a.page_ids) == 3 and scheduler.allocator.num_free_pages == 1
+
+
+def test_contiguous_mode_reserves_full_pages():
+    cfg = config(max_model_len=32, page_size=4, num_pages=17, reserve_full=True)
+    scheduler = Scheduler(cfg)
+    seqs = [seq(name, 5) for name in "abc"]
+    for s in seqs:
+        scheduler.add(s)
+    plan, _ = step(scheduler)
+    assert summary(plan) == [("a", 0, 5, True), ("b", 0, 3, False)]
+    plan, _ = step(scheduler)
+    assert [len(s.page_ids) for s in seqs] == [8, 8, 0]
+    assert scheduler.allocator.num_free_pages == 0 and scheduler.num_waiting_seqs == 1
+    assert scheduler.kv_utilization() == pytest.approx(11 / 64)
+    paged = Scheduler(config(max_model_len=32, page_size=4, num_pages=17))
+    for s in [seq(name, 5) for name in "abc"]:
+        paged.add(s)
+    step(paged)
+    step(paged)
+    assert paged.kv_utilization() > 0.5
+
+
+def test_kv_utilization_counts_cached_tokens():
+    scheduler = Scheduler(config())
+    assert scheduler.kv_utilization() == 0.0
+    scheduler.add(seq("a", 5))
+    step(scheduler)
+    assert scheduler.kv_utilization() == pytest.approx(5 / 8)
+
+
+@pytest.mark.parametrize(
+    ("params", "tokens", "num_outputs", "reason", "stop_reason"),
+    [
+        ({}, [5, 6, EOS, 9], 3, "stop", None),
+        ({"ignore_eos": True, "max_tokens": 4}, [5, EOS, 6, 7, 8], 4, "length", None),
+        ({"min_tokens": 3}, [EOS, EOS, EOS, 9], 3, "stop", None),
+        ({"stop_token_ids": [9]}, [5, 9, 6], 2, "stop", 9),
+        ({"stop_token_ids": [9], "min_tokens": 2}, [9, 9, 6], 2, "stop", 9),
+        ({"max_tokens": 2}, [5, 6, 7], 2, "length", None),
+    ],
+)
+def test_stop_conditions(params, tokens, num_outputs, reason, stop_reason):
+    params.setdefault("max_tokens", 100)
+    scheduler = Scheduler(config(), eos_token_ids=[EOS])
+    s = seq("a", 3, **params)
+    scheduler.add(s)
+    for token in tokens:
+        plan = scheduler.schedule()
+        if scheduler.update(plan, [token]):
+            break
+    assert s.output_token_ids == tokens[:num_outputs]
+    assert (s.finish_reason, s.stop_reason) == (reason, stop_reason)
+    assert s.is_finished and scheduler.allocator.num_used_pages == 0
+    assert not scheduler.has_unfinished()
+
+
+def test_max_model_len_ends_with_length():
+    scheduler = Scheduler(config(max_model_len=6))
+    s = seq("a", 4)
+    scheduler.add(s)
+    step(scheduler)
+    _, finished = step(scheduler)
+    assert finished == [s] and s.num_tokens == 6 and s.finish_reason == "length"
+
+
+def test_finish_by_caller_frees_pages_and_update_skips_it():
+    times = iter([1.0, 2.0, 3.0])
+    scheduler = Scheduler(config(), clock=lambda: next(times))
+    s = Sequence("a", [1, 2, 3], SamplingParams(), arrival_time=0.5)
+    scheduler.add(s)
+    step(scheduler)
+    plan = scheduler.schedule()
+    scheduler.finish(s, "stop", "world")
+    assert scheduler.update(plan, [8]) == []
+    assert s.output_token_ids == [7] and (s.finish_reason, s.stop_reason) == ("stop", "world")
+    assert scheduler.allocator.num_used_pages == 0 and not scheduler.has_unfinished()
+    metrics = s.metrics()
+    assert metrics.time_to_first_token == 0.5 and metrics.latency == 1.5
+
+
+def test_add_validates_prompt():
+    scheduler = Scheduler(config(max_model_len=8))
+    with pytest.raises(ValueError, match="prompt_token_ids.*empty"):
+        scheduler.add(seq("a", 0))
+    with pytest.raises(ValueError, match="max_model_len=8"):
+        scheduler.add(seq("b", 9))
+    scheduler.add(seq("c", 8))
+
+
+def test_update_checks_length():
+    scheduler = Scheduler(config())
+    scheduler.add(seq("a", 3))
+    plan = scheduler.schedule()
+    with pytest.raises(ValueError, match="sampled_token_ids"):
+        scheduler.update(plan, [])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"max_num_seqs": 0}, "max_num_seqs"),
+        ({"max_num_batched_tokens": 0}, "max_num_batched_tokens"),
+        ({"max_model_len": 0}, "max_model_len"),
+        ({"page_size": 0}, "page_size"),
+        ({"num_pages": 1}, "num_pages"),
+        ({"max_model_len": 400}, "max_model_len=400"),
+    ],
+)
+def test_config_validation(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        config(**overrides)
+
+
+def test_config_error_says_how_many_tokens_fit():
+    with pytest.raises(ValueError, match="at most 396 tokens"):
+        config(max_model_len=400)

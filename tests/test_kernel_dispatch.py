@@ -1,0 +1,33 @@
+"""Backend dispatch: auto picks by default backend, unknown impls are rejected."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from kernel_cases import decode_spec, make_case
+
+import paged_jax.kernels as kernels
+from paged_jax.kernels import reference
+
+
+def test_auto_on_cpu_is_reference() -> None:
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU mapping")
+    assert kernels.resolve_impl("auto") == "reference"
+    case = make_case(decode_spec(8, 4, 2, 64, "float32"))
+    out = kernels.ragged_paged_attention(*case.args(), sm_scale=case.sm_scale)
+    ref = reference.ragged_paged_attention(*case.args(), sm_scale=case.sm_scale)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_unknown_impl_raises() -> None:
+    with pytest.raises(ValueError, match="impl="):
+        kernels.resolve_impl("cuda")
+    case = make_case(decode_spec(8, 4, 2, 64, "float32"))
+    with pytest.raises(ValueError, match="impl="):
+        kernels.ragged_paged_attention(*case.args(), sm_scale=1.0, impl="triton")
+
+
+def test_write_kv_reexported() -> None:
+    assert kernels.write_kv is reference.write_kv

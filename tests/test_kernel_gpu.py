@@ -1,0 +1,102 @@
+"""The Pallas GPU kernel against the float64 oracle: interpreted on CPU, and for real on a GPU.
+
+CPU cases run the kernel with `interpret=True` and stay small (each costs seconds). The
+`gpu`-marked tests repeat the contract's full sweep on the device (pytest -m gpu).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from kernel_cases import (
+    CaseSpec,
+    assert_close,
+    decode_spec,
+    make_case,
+    mixed_spec,
+    oracle,
+    spec_id,
+    sweep_specs,
+)
+
+from paged_jax.kernels import gpu
+
+INTERPRET_SPECS = [
+    decode_spec(8, 8, 2, 64, "float32", seed=1),
+    mixed_spec(8, 4, 4, 64, "float32", seed=2),
+    mixed_spec(16, 6, 1, 64, "bfloat16", seed=3),
+    decode_spec(16, 8, 1, 128, "bfloat16", num_seqs=3, seed=4),
+    mixed_spec(8, 8, 2, 64, "float32", sliding_window=7, soft_cap=5.0, seed=5),
+    decode_spec(8, 8, 2, 64, "float32", sliding_window=10, seed=6),
+]
+
+
+def _check(spec: CaseSpec, **kwargs) -> None:
+    case = make_case(spec)
+    out = gpu.ragged_paged_attention(*case.args(), **case.kwargs(), **kwargs)
+    assert out.dtype == case.q.dtype and out.shape == case.q.shape
+    assert_close(out, oracle(case), spec.dtype)
+    assert (np.asarray(out)[int(case.cu_q_lens[-1]) :] == 0).all()
+
+
+@pytest.mark.parametrize("spec", INTERPRET_SPECS, ids=spec_id)
+def test_interpret(spec: CaseSpec) -> None:
+    _check(spec, interpret=True)
+
+
+def test_interpret_split_context() -> None:
+    # Many kv splits over a long context: the split combine must be exact.
+    spec = decode_spec(8, 4, 2, 64, "float32", num_seqs=2, pages_per_seq=16, seed=9)
+    sizes = gpu.GpuBlockSizes(
+        decode_kv_tokens=16, target_programs=64, max_splits=8, small_batch_programs=0
+    )
+    _check(spec, interpret=True, block_sizes=sizes)
+
+
+def test_rejects_non_power_of_two_page_size() -> None:
+    case = make_case(decode_spec(12, 4, 2, 64, "float32"))
+    with pytest.raises(ValueError, match="page_size"):
+        gpu.ragged_paged_attention(*case.args(), **case.kwargs(), interpret=True)
+
+
+needs_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("spec", sweep_specs(page_sizes=(8, 16, 32)), ids=spec_id)
+def test_gpu_sweep(spec: CaseSpec) -> None:
+    _check(spec)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("spec", INTERPRET_SPECS, ids=spec_id)
+def test_gpu_options(spec: CaseSpec) -> None:
+    _check(spec)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("num_seqs,pages_per_seq", [(2, 256), (40, 24)])
+def test_gpu_long_and_wide(num_seqs: int, pages_per_seq: int) -> None:
+    _check(decode_spec(16, 32, 8, 128, "bfloat16", num_seqs=num_seqs, pages_per_seq=pages_per_seq))
+    _check(mixed_spec(16, 32, 8, 128, "bfloat16", pages_per_seq=pages_per_seq, seed=1))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        mixed_spec(16, 32, 8, 128, "bfloat16", sliding_window=9, soft_cap=20.0),
+        decode_spec(8, 9, 3, 64, "float32"),
+        mixed_spec(32, 16, 1, 64, "bfloat16", pages_per_seq=3),
+    ],
+    ids=spec_id,
+)
+def test_triton_lowering_on_cpu(spec: CaseSpec) -> None:
+    # Runs the Pallas -> Triton IR lowering without a GPU (not Triton's own compiler).
+    case = make_case(spec)
+    fn = jax.jit(lambda *a: gpu.ragged_paged_attention(*a, **case.kwargs()))
+    text = fn.trace(*case.args()).lower(lowering_platforms=("cuda",)).as_text()
+    assert "rpa_decode" in text and "rpa_prefill" in text
