@@ -47,9 +47,9 @@ def _parse_line(llm: Any, line: str, index: int) -> tuple[str, Any, SamplingPara
 def generate(args: argparse.Namespace) -> int:
     from paged_jax.llm import LLM
 
+    lines = Path(args.input).read_text().splitlines()  # before the model load: fail fast
     options = {"model": args.model} if args.model else {}
     llm = LLM(config=args.config, overrides=args.overrides, **options)
-    lines = Path(args.input).read_text().splitlines()
     results: list[dict[str, Any] | None] = []
     valid: list[tuple[int, str, Any, SamplingParams]] = []
     for i, line in enumerate(lines):
@@ -63,7 +63,11 @@ def generate(args: argparse.Namespace) -> int:
         valid.append((len(results), request_id, prompt, params))
         results.append(None)
     start = time.perf_counter()
-    outputs = llm.generate([v[2] for v in valid], [v[3] for v in valid], use_tqdm=not args.quiet)
+    outputs = (
+        llm.generate([v[2] for v in valid], [v[3] for v in valid], use_tqdm=not args.quiet)
+        if valid  # LLM.generate rejects an empty list; every line may be bad or blank
+        else []
+    )
     seconds = time.perf_counter() - start
     for (slot, request_id, _, _), out in zip(valid, outputs, strict=True):
         completion = out.outputs[0]
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return generate(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing/unreadable input or config
         print(f"error: {e}", file=sys.stderr)
         return 2
 

