@@ -108,6 +108,7 @@ class LLM:
             buckets=Buckets.create(cfg.max_num_batched_tokens, cfg.max_num_seqs),
             kv_dtype=kv_dtype,
             attn_impl=cfg.attn_impl,
+            eos_token_ids=tuple(sorted(eos)),
             seed=cfg.seed,
         )
         self.warmup_seconds = self.runner.warmup() if cfg.warmup else 0.0

@@ -162,3 +162,15 @@ def test_no_compiles_after_warmup():
     stats = llm.stats()
     assert stats["compiles_after_warmup"] == 0 and stats["steps"] > 10
     assert 0.0 < stats["kv_utilization"] <= 1.0
+
+
+def test_min_tokens_masks_eos(engine):
+    chat = [{"role": "user", "content": "What is 2+2?"}]
+    free = engine.generate([chat], SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
+    ids = free[0].outputs[0].token_ids
+    assert free[0].outputs[0].finish_reason == "stop" and len(ids) < 20
+    eos = set(engine.tokenizer.eos_token_ids)
+    params = SamplingParams(temperature=0, max_tokens=20, min_tokens=20)
+    forced = engine.generate([chat], params, use_tqdm=False)[0].outputs[0]
+    assert len(forced.token_ids) == 20 and not eos & set(forced.token_ids)
+    assert forced.token_ids[: len(ids) - 1] == ids[:-1]  # same text up to where EOS was

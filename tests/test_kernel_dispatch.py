@@ -31,3 +31,8 @@ def test_unknown_impl_raises() -> None:
 
 def test_write_kv_reexported() -> None:
     assert kernels.write_kv is reference.write_kv
+
+
+@pytest.mark.parametrize("impl", ["reference", "tpu", "gpu"])
+def test_explicit_impls_resolve(impl: str) -> None:
+    assert kernels.resolve_impl(impl) == impl

@@ -74,9 +74,10 @@ def _kernel(
         kv_lo = 0
     else:
         kv_lo = jnp.maximum(first_pos - sliding_window + 1, 0)
-    page_lo = kv_lo // page_size
-    page_hi = (kv_hi + page_size - 1) // page_size
-    num_blocks = jnp.maximum(page_hi - page_lo + pages_per_block - 1, 0) // pages_per_block
+    # lax.div/rem, not // and %: operands are >= 0 and jnp's floor forms lower via sign().
+    page_lo = lax.div(jnp.int32(kv_lo), page_size)
+    page_hi = lax.div(kv_hi + page_size - 1, page_size)
+    num_blocks = lax.div(jnp.maximum(page_hi - page_lo + pages_per_block - 1, 0), pages_per_block)
 
     def copies(block, slot):
         """(page is needed, K copy, V copy) for each page of a block."""
@@ -86,8 +87,12 @@ def _kernel(
             needed = page < page_hi
             col = jnp.minimum(page, pages_per_seq - 1)
             page_id = tables_ref[seq * pages_per_seq + col]
-            k_copy = pltpu.make_async_copy(k_hbm.at[h, page_id], k_buf.at[slot, p], sems.at[0, slot])
-            v_copy = pltpu.make_async_copy(v_hbm.at[h, page_id], v_buf.at[slot, p], sems.at[1, slot])
+            k_copy = pltpu.make_async_copy(
+                k_hbm.at[h, page_id], k_buf.at[slot, p], sems.at[0, slot]
+            )
+            v_copy = pltpu.make_async_copy(
+                v_hbm.at[h, page_id], v_buf.at[slot, p], sems.at[1, slot]
+            )
             out.append((needed, k_copy, v_copy))
         return out
 
@@ -109,8 +114,9 @@ def _kernel(
 
     row = lax.broadcasted_iota(jnp.int32, (rows, block_kv), 0)  # i32[M, BK]
     col = lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1)  # i32[M, BK]
-    pos = first_pos + row % block_q  # absolute position of each row
-    row_live = row % block_q < num_rows
+    row_in_item = lax.rem(row, block_q)  # i32[M, BK]
+    pos = first_pos + row_in_item  # absolute position of each row
+    row_live = row_in_item < num_rows
     q = q_ref[...]  # [M, D]
 
     @pl.when(num_blocks > 0)
@@ -119,7 +125,7 @@ def _kernel(
 
     def body(j, carry):
         m, l, acc = carry  # f32[M, 1], f32[M, 1], f32[M, D]
-        slot = j % 2
+        slot = lax.rem(j, 2)
 
         @pl.when(j + 1 < num_blocks)
         def _():

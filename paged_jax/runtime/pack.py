@@ -42,6 +42,7 @@ class StepInputs:
     seeds: np.ndarray  # u32[S]
     sample_positions: np.ndarray  # i32[S]  output index the sampled token will have
     do_sample: np.ndarray  # bool[S]
+    suppress_eos: np.ndarray  # bool[S]  fewer than min_tokens outputs yet: EOS ids masked
 
 
 def request_seed(seq: Sequence, default_seed: int = 0) -> int:
@@ -95,9 +96,10 @@ def pack(
                 request_seed(item.seq, default_seed),
                 item.sample_position,
                 item.sample,
+                item.sample_position < params.min_tokens,
             )
         )
-    columns = list(zip(*per_seq, strict=True)) if per_seq else [()] * 9
+    columns = list(zip(*per_seq, strict=True)) if per_seq else [()] * 10
 
     def column(index: int, dtype: type, pad: float) -> np.ndarray:
         out = np.full(S, pad, dtype)  # [S]
@@ -113,6 +115,7 @@ def pack(
     seeds = column(6, np.uint32, 0)
     sample_positions = column(7, np.int32, 0)
     do_sample = column(8, np.bool_, False)
+    suppress_eos = column(9, np.bool_, False)
 
     cu_q_lens = np.zeros(S + 1, np.int32)  # i32[S + 1]; padding rows repeat the last value
     np.cumsum(q_lens, out=cu_q_lens[1:])
@@ -152,4 +155,5 @@ def pack(
         seeds=seeds,
         sample_positions=sample_positions,
         do_sample=do_sample,
+        suppress_eos=suppress_eos,
     )

@@ -67,6 +67,7 @@ class ModelRunner:
         buckets: Buckets,
         kv_dtype: Any,
         attn_impl: str = "auto",
+        eos_token_ids: tuple[int, ...] = (),
         seed: int = 0,
     ) -> None:
         self.cfg = cfg
@@ -76,7 +77,9 @@ class ModelRunner:
         self.buckets = buckets
         self.seed = seed
         self.kv = KVState.create(cfg, num_pages, page_size, kv_dtype)
-        self._step = jax.jit(make_step(cfg, attn_impl=attn_impl), donate_argnums=(1,))
+        self._step = jax.jit(
+            make_step(cfg, attn_impl=attn_impl, eos_token_ids=eos_token_ids), donate_argnums=(1,)
+        )
         self._executables: dict[tuple[int, int], Any] = {}
         self.warmup_seconds: dict[tuple[int, int], float] = {}
         self.warmed_up = False

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from paged_jax.kernels import ragged_paged_attention, write_kv
 from paged_jax.model.config import ModelConfig
@@ -21,9 +22,15 @@ from paged_jax.runtime.state import KVState
 StepFn = Callable[[Params, KVState, dict[str, Any]], tuple[KVState, jax.Array]]
 
 
-def make_step(cfg: ModelConfig, *, attn_impl: str = "auto") -> StepFn:
-    """Build ``step(params, kv, inputs) -> (kv, sampled i32[S])`` (not yet jitted)."""
+def make_step(
+    cfg: ModelConfig, *, attn_impl: str = "auto", eos_token_ids: tuple[int, ...] = ()
+) -> StepFn:
+    """Build ``step(params, kv, inputs) -> (kv, sampled i32[S])`` (not yet jitted).
+
+    Rows flagged ``suppress_eos`` (fewer than min_tokens outputs) cannot sample an EOS id.
+    """
     sm_scale = cfg.head_dim**-0.5
+    eos_ids = jnp.asarray([t for t in eos_token_ids if 0 <= t < cfg.vocab_size], jnp.int32)
 
     def step(params: Params, kv: KVState, inputs: dict[str, Any]) -> tuple[KVState, jax.Array]:
         # inputs: the arrays of runtime.pack.StepInputs for one (T, S) bucket
@@ -52,6 +59,9 @@ def make_step(cfg: ModelConfig, *, attn_impl: str = "auto") -> StepFn:
             params, cfg, inputs["token_ids"], inputs["positions"], (kv.k_pages, kv.v_pages), attn_fn
         )
         logits = compute_logits(params, cfg, hidden[inputs["logits_indices"]])  # f32[S, V]
+        if eos_ids.size:
+            masked = logits.at[:, eos_ids].set(-jnp.inf)
+            logits = jnp.where(inputs["suppress_eos"][:, None], masked, logits)
         sampled = sample(
             logits,
             inputs["temperature"],
