@@ -174,3 +174,8 @@ def test_min_tokens_masks_eos(engine):
     forced = engine.generate([chat], params, use_tqdm=False)[0].outputs[0]
     assert len(forced.token_ids) == 20 and not eos & set(forced.token_ids)
     assert forced.token_ids[: len(ids) - 1] == ids[:-1]  # same text up to where EOS was
+
+
+def test_kv_budget_too_small_says_what_fits():
+    with pytest.raises(ValueError, match=r"max_model_len=2048 .* at most \d+ tokens would fit"):
+        LLM("smollm2-135m", max_model_len=2048, kv_cpu_bytes=8 * 2**20, warmup=False)

@@ -40,6 +40,11 @@ class TpuBlockSizes:
 DEFAULT_BLOCK_SIZES = TpuBlockSizes()
 
 
+def _call_all(*fns) -> None:
+    for fn in fns:
+        fn()
+
+
 def _kernel(
     kv_lens_ref,  # SMEM i32[S]
     tables_ref,  # SMEM i32[S * pages_per_seq]
@@ -98,19 +103,11 @@ def _kernel(
 
     def start(block, slot):
         for needed, k_copy, v_copy in copies(block, slot):
-
-            @pl.when(needed)
-            def _():
-                k_copy.start()
-                v_copy.start()
+            pl.when(needed)(functools.partial(_call_all, k_copy.start, v_copy.start))
 
     def wait(block, slot):
         for needed, k_copy, v_copy in copies(block, slot):
-
-            @pl.when(needed)
-            def _():
-                k_copy.wait()
-                v_copy.wait()
+            pl.when(needed)(functools.partial(_call_all, k_copy.wait, v_copy.wait))
 
     row = lax.broadcasted_iota(jnp.int32, (rows, block_kv), 0)  # i32[M, BK]
     col = lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1)  # i32[M, BK]
