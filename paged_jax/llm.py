@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from tqdm.auto import tqdm
 
@@ -33,10 +33,25 @@ logger = logging.getLogger(__name__)
 Prompt = str | list[int] | list[dict[str, str]]
 
 
+class StepRecord(NamedTuple):
+    """One engine step, for benchmarks and plots (seconds; time is perf_counter at its end)."""
+
+    time: float
+    num_seqs: int
+    num_tokens: int
+    num_used_pages: int
+    step_s: float
+    schedule_s: float
+    pack_s: float
+    dispatch_s: float
+    device_wait_s: float
+    update_s: float
+
+
 class _Request:
     """A sequence plus its detokenizer and stop-string state."""
 
-    def __init__(self, seq: Seq, detok: IncrementalDetokenizer) -> None:
+    def __init__(self, seq: Seq, detok: IncrementalDetokenizer | None) -> None:
         self.seq = seq
         self.detok = detok
         self.text = ""  # returned text: detokenized output, cut at a stop string
@@ -97,7 +112,9 @@ class LLM:
             num_pages=num_pages,
             reserve_full=cfg.reserve_full,
         )
-        eos = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None:
+            eos |= set(self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(self.scheduler_config, eos_token_ids=eos)
         self.runner = ModelRunner(
             self.model_config,
@@ -119,6 +136,7 @@ class LLM:
                 self.warmup_seconds,
             )
         self._num_requests = 0
+        self.timeline: list[StepRecord] = []
         self._stats = {
             "steps": 0,
             "scheduled_tokens": 0,
@@ -142,6 +160,12 @@ class LLM:
     def encode_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """Text (when there is one) and token ids of one prompt; ValueError naming the problem."""
         tok = self.tokenizer
+        if tok is None and not (
+            isinstance(prompt, list | tuple) and prompt and isinstance(prompt[0], int)
+        ):
+            raise ValueError(
+                f"model={self.config.model!r} has no tokenizer: prompts must be token ids"
+            )
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
@@ -170,11 +194,23 @@ class LLM:
     def _make_request(self, prompt: Prompt, params: SamplingParams) -> _Request:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(params, name) is not None:
+                raise ValueError(f"{name}={getattr(params, name)} is not supported yet")
         text, ids = self.check_prompt(prompt)
         seq = Seq(str(self._num_requests), ids, params, prompt=text)
         self._num_requests += 1
-        detok = IncrementalDetokenizer(
-            self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens
+        if self.tokenizer is None and params.detokenize:
+            raise ValueError(
+                f"model={self.config.model!r} has no tokenizer: "
+                "use SamplingParams(detokenize=False)"
+            )
+        detok = (
+            None
+            if self.tokenizer is None
+            else IncrementalDetokenizer(
+                self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens
+            )
         )
         return _Request(seq, detok)
 
@@ -182,15 +218,24 @@ class LLM:
 
     def _step(self, live: dict[int, _Request]) -> list[_Request]:
         """One engine step. Returns requests that got new text or finished."""
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             raise RuntimeError("scheduler made no progress with requests pending")
-        start = time.perf_counter()
+        scheduled = time.perf_counter()
         sampled = self.runner.run(plan)
+        ran = time.perf_counter()
         finished = {s.seq_id for s in self.scheduler.update(plan, sampled.tolist())}
-        self._stats["seconds"] += time.perf_counter() - start
+        end = time.perf_counter()
+        self._stats["seconds"] += end - start
         self._stats["steps"] += 1
         self._stats["kv_utilization_sum"] += self.scheduler.kv_utilization()
+        pack_s, dispatch_s, wait_s = self.runner.last_timing
+        self.timeline.append(
+            StepRecord(end, plan.num_seqs, plan.num_tokens,
+                       self.scheduler.allocator.num_used_pages, end - start,
+                       scheduled - start, pack_s, dispatch_s, wait_s, end - ran)
+        )  # fmt: skip
         touched = []
         for item in plan.scheduled:
             req = live[item.seq.seq_id]
@@ -204,14 +249,17 @@ class LLM:
 
     def _on_token(self, req: _Request, token_id: int, finished: bool) -> None:
         seq, params = req.seq, req.seq.sampling_params
+        if not params.detokenize:
+            return
         before = len(req.detok.text)
         req.detok.add(token_id)
         if finished:
             req.detok.flush()
         text = req.detok.text
-        if params.stop and seq.num_output_tokens >= params.min_tokens:
-            window_start = max(0, before - max(len(s) for s in params.stop) + 1)
-            hits = [(text.find(s, window_start), s) for s in params.stop]
+        stops = params.stop_strings
+        if stops and seq.num_output_tokens >= params.min_tokens:
+            window_start = max(0, before - max(len(s) for s in stops) + 1)
+            hits = [(text.find(s, window_start), s) for s in stops]
             hits = [(i, s) for i, s in hits if i >= 0]
             if hits:
                 index, stop = min(hits)
@@ -264,6 +312,12 @@ class LLM:
             if len(request.text) > emitted:
                 yield request.text[emitted:]
                 emitted = len(request.text)
+
+    def reset_stats(self) -> None:
+        """Zero the counters and the timeline (e.g. after a benchmark's warm-up requests)."""
+        self._stats = {k: 0 * v for k, v in self._stats.items()}
+        self.timeline = []
+        self.scheduler.num_preemptions = 0
 
     def stats(self) -> dict[str, Any]:
         s = self._stats

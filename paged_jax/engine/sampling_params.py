@@ -33,6 +33,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: return token ids only (text ""), no stop strings
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n < 1:
@@ -74,6 +75,10 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
                 raise ValueError(f"{name}={value!r} must be None or an int >= 0")
+        if not isinstance(self.detokenize, bool):
+            raise ValueError(f"detokenize={self.detokenize!r} must be a bool")
+        if not self.detokenize and self.stop_strings:
+            raise ValueError(f"stop={self.stop!r} needs detokenize=True")
         if not isinstance(self.skip_special_tokens, bool):
             raise ValueError(f"skip_special_tokens={self.skip_special_tokens!r} must be a bool")
 

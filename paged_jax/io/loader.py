@@ -12,9 +12,18 @@ from typing import Any
 from paged_jax.io.bundled import BUNDLED, bundled_path
 from paged_jax.io.gguf_tokenizer import tokenizer_from_metadata
 from paged_jax.io.tokenizer import Tokenizer, load_tokenizer
-from paged_jax.io.weights import load_gguf, load_hf_dir, open_gguf, read_gguf_metadata
+from paged_jax.io.weights import (
+    load_gguf,
+    load_hf_dir,
+    open_gguf,
+    read_gguf_metadata,
+    resolve_dtype,
+)
 from paged_jax.model.config import ModelConfig
 from paged_jax.model.llama import Params
+from paged_jax.model.presets import init_random_params, preset_config
+
+RANDOM_PREFIX = "random:"  # random weights of a named real shape, for benchmarks
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +32,8 @@ logger = logging.getLogger(__name__)
 class LoadedModel:
     config: ModelConfig
     params: Params
-    tokenizer: Tokenizer
-    path: Path
+    tokenizer: Tokenizer | None  # None for random-weight presets
+    path: Path | None
     load_seconds: float
 
 
@@ -43,13 +52,18 @@ def resolve_model_path(model: str) -> Path:
         return path
     raise ValueError(
         f"model={model!r} is neither a bundled alias ({', '.join(BUNDLED)}), "
+        f"a {RANDOM_PREFIX}<preset> model, "
         "an existing HF model directory, nor a .gguf file"
     )
 
 
 def load_model(model: str, dtype: Any = None) -> LoadedModel:
-    path = resolve_model_path(model)
     start = time.perf_counter()
+    if model.startswith(RANDOM_PREFIX):
+        cfg = preset_config(model[len(RANDOM_PREFIX) :])
+        params = init_random_params(cfg, resolve_dtype(dtype))
+        return LoadedModel(cfg, params, None, None, time.perf_counter() - start)
+    path = resolve_model_path(model)
     if path.is_dir():
         cfg, params = load_hf_dir(path, dtype)
         tokenizer = load_tokenizer(path)

@@ -84,6 +84,7 @@ class ModelRunner:
         self.warmup_seconds: dict[tuple[int, int], float] = {}
         self.warmed_up = False
         self.num_compiles_after_warmup = 0
+        self.last_timing = (0.0, 0.0, 0.0)
         _install_listener()
         _listening_runners.append(self)
 
@@ -119,6 +120,7 @@ class ModelRunner:
 
     def run(self, plan: StepPlan) -> np.ndarray:
         """Execute one step. Returns i32[num_seqs] sampled ids (meaningful where plan samples)."""
+        start = time.perf_counter()
         bucket = self.buckets.pick_bucket(plan.num_tokens, plan.num_seqs)
         executable = self._executables.get(bucket) or self._compile(bucket)
         inputs = pack(
@@ -129,8 +131,13 @@ class ModelRunner:
             max_pages_per_seq=self.max_pages_per_seq,
             default_seed=self.seed,
         )
+        packed = time.perf_counter()
         self.kv, sampled = executable(self.params, self.kv, _as_dict(inputs))
-        return np.asarray(sampled)[: plan.num_seqs]
+        dispatched = time.perf_counter()
+        out = np.asarray(sampled)[: plan.num_seqs]  # waits for the device
+        # host seconds packing, host seconds dispatching, seconds waiting for the device
+        self.last_timing = (packed - start, dispatched - packed, time.perf_counter() - dispatched)
+        return out
 
     def fill_free_pages(self, page_ids: list[int], value: float = float("nan")) -> None:
         """Overwrite pages (e.g. every free one) with ``value``: a test hook for stray reads."""
