@@ -12,67 +12,31 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from paged_jax.config import EngineConfig, load_config
-from paged_jax.engine.outputs import CompletionOutput, RequestOutput
+from paged_jax.engine.outputs import RequestOutput
 from paged_jax.engine.sampling_params import SamplingParams
 from paged_jax.engine.scheduler import Scheduler, SchedulerConfig
 from paged_jax.engine.sequence import Sequence as Seq
 from paged_jax.io.detokenizer import IncrementalDetokenizer
 from paged_jax.io.loader import load_model
 from paged_jax.io.weights import resolve_dtype
+from paged_jax.request import (
+    Prompt,
+    Request,
+    StepRecord,
+    as_params_list,
+    as_prompt_list,
+    encode_prompt,
+)
 from paged_jax.runtime.buckets import Buckets
 from paged_jax.runtime.runner import ModelRunner, enable_compilation_cache
 from paged_jax.runtime.state import num_pages_for_budget
 
 logger = logging.getLogger(__name__)
-
-Prompt = str | list[int] | list[dict[str, str]]
-
-
-class StepRecord(NamedTuple):
-    """One engine step, for benchmarks and plots (seconds; time is perf_counter at its end)."""
-
-    time: float
-    num_seqs: int
-    num_tokens: int
-    num_used_pages: int
-    step_s: float
-    schedule_s: float
-    pack_s: float
-    dispatch_s: float
-    device_wait_s: float
-    update_s: float
-
-
-class _Request:
-    """A sequence plus its detokenizer and stop-string state."""
-
-    def __init__(self, seq: Seq, detok: IncrementalDetokenizer | None) -> None:
-        self.seq = seq
-        self.detok = detok
-        self.text = ""  # returned text: detokenized output, cut at a stop string
-
-    def output(self) -> RequestOutput:
-        seq = self.seq
-        completion = CompletionOutput(
-            index=0,
-            text=self.text,
-            token_ids=list(seq.output_token_ids),
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-        )
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt=seq.prompt,
-            prompt_token_ids=list(seq.prompt_token_ids),
-            outputs=[completion],
-            finished=seq.is_finished,
-            metrics=seq.metrics(),
-        )
 
 
 class LLM:
@@ -159,39 +123,11 @@ class LLM:
 
     def encode_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """Text (when there is one) and token ids of one prompt; ValueError naming the problem."""
-        tok = self.tokenizer
-        if tok is None and not (
-            isinstance(prompt, list | tuple) and prompt and isinstance(prompt[0], int)
-        ):
-            raise ValueError(
-                f"model={self.config.model!r} has no tokenizer: prompts must be token ids"
-            )
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            return prompt, tok.encode(prompt)
-        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            for i, message in enumerate(prompt):
-                if not isinstance(message.get("role"), str) or "content" not in message:
-                    raise ValueError(f"messages[{i}] must have a 'role' and a 'content'")
-            if tok.chat_template is None:
-                raise ValueError("messages given, but the model has no chat template")
-            text = tok.apply_chat_template(prompt, add_generation_prompt=True)
-            return text, tok.encode(text, add_bos=False)
-        if isinstance(prompt, list | tuple) and prompt:
-            ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            for i, t in enumerate(ids):
-                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                    raise ValueError(
-                        f"prompt_token_ids[{i}]={t!r} is not a token id in [0, {vocab})"
-                    )
-            return None, ids
-        raise ValueError(
-            f"prompt must be a non-empty str, token id list or message list, got {prompt!r}"
+        return encode_prompt(
+            self.tokenizer, self.model_config.vocab_size, prompt, self.config.model
         )
 
-    def _make_request(self, prompt: Prompt, params: SamplingParams) -> _Request:
+    def _make_request(self, prompt: Prompt, params: SamplingParams) -> Request:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         for name in ("logprobs", "prompt_logprobs"):
@@ -212,11 +148,11 @@ class LLM:
                 self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens
             )
         )
-        return _Request(seq, detok)
+        return Request(seq, detok)
 
     # ------------------------------------------------------------------ the loop
 
-    def _step(self, live: dict[int, _Request]) -> list[_Request]:
+    def _step(self, live: dict[int, Request]) -> list[Request]:
         """One engine step. Returns requests that got new text or finished."""
         start = time.perf_counter()
         plan = self.scheduler.schedule()
@@ -233,7 +169,8 @@ class LLM:
         pack_s, dispatch_s, wait_s = self.runner.last_timing
         self.timeline.append(
             StepRecord(end, plan.num_seqs, plan.num_tokens,
-                       self.scheduler.allocator.num_used_pages, end - start,
+                       self.scheduler.allocator.num_used_pages,
+                       sum(i.kv_len for i in plan.scheduled), end - start,
                        scheduled - start, pack_s, dispatch_s, wait_s, end - ran)
         )  # fmt: skip
         touched = []
@@ -247,7 +184,7 @@ class LLM:
         self._stats["scheduled_tokens"] += plan.num_tokens
         return touched
 
-    def _on_token(self, req: _Request, token_id: int, finished: bool) -> None:
+    def _on_token(self, req: Request, token_id: int, finished: bool) -> None:
         seq, params = req.seq, req.seq.sampling_params
         if not params.detokenize:
             return
@@ -268,7 +205,7 @@ class LLM:
                 return
         req.text = text
 
-    def _run(self, requests: list[_Request], use_tqdm: bool) -> Iterator[list[_Request]]:
+    def _run(self, requests: list[Request], use_tqdm: bool) -> Iterator[list[Request]]:
         live = {r.seq.seq_id: r for r in requests}
         for r in requests:
             self.scheduler.add(r.seq)
@@ -295,8 +232,8 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs in input order. Validates everything first."""
-        prompts = _as_prompt_list(prompts)
-        params_list = _as_params_list(sampling_params, len(prompts))
+        prompts = as_prompt_list(prompts)
+        params_list = as_params_list(sampling_params, len(prompts))
         requests = [self._make_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
         for _ in self._run(requests, use_tqdm):
             pass
@@ -339,25 +276,3 @@ class LLM:
     def _output_tok_s(self) -> float:
         s = self._stats
         return s["output_tokens"] / s["seconds"] if s["seconds"] else 0.0
-
-
-def _as_prompt_list(prompts: Any) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, list | tuple) and prompts:
-        first = prompts[0]
-        if isinstance(first, int) or isinstance(first, dict):
-            return [list(prompts)]  # one token-id prompt or one chat
-        return list(prompts)
-    raise ValueError(f"prompts must be a prompt or a non-empty list of prompts, got {prompts!r}")
-
-
-def _as_params_list(params: Any, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * n
-    if isinstance(params, SamplingParams):
-        return [params] * n
-    params = list(params)
-    if len(params) != n:
-        raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts")
-    return params

@@ -1,0 +1,470 @@
+"""End-to-end offline throughput benchmark (``paged-jax bench``, ``scripts/bench_throughput.py``).
+
+Owns the synthetic workload (ShareGPT-like lognormal lengths, random prompt ids), the run of one
+``LLM.generate`` over it, the metrics (throughput, TTFT/TPOT percentiles, KV use over time, host
+overhead, decode MBU against a device copy timed in the same run) and the JSON / markdown / PNG
+writers. ``make_workload`` is plain numpy so that the HF baseline (``scripts/bench_hf.py``)
+draws exactly the same requests; jax and the engine are imported inside the functions that
+need them.
+
+Conventions (vLLM's offline throughput benchmark): every request arrives at t=0, decodes
+greedily with ``ignore_eos`` to exactly its own ``max_tokens``; TTFT therefore includes queueing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Lognormal lengths, rounded and clipped to [MIN_LEN, MAX_LEN]: exp(N(log(median), sigma^2)).
+# After clipping the means are about 148 prompt and 297 output tokens (ShareGPT-like: outputs
+# about twice the prompts, long right tails; 0.5% of prompts and 3% of outputs hit MAX_LEN).
+PROMPT_LEN_MEDIAN = 100
+PROMPT_LEN_SIGMA = 0.9
+OUTPUT_LEN_MEDIAN = 225
+OUTPUT_LEN_SIGMA = 0.8
+MIN_LEN = 4
+MAX_LEN = 1024
+JSONL_MAX_TOKENS = 256  # a JSONL line without max_tokens (and no --max-tokens) gets this
+WARMUP_PROMPT_LEN = 16
+WARMUP_MAX_TOKENS = 8
+
+Workload = list[tuple[Any, int]]  # (prompt token ids, or text for a tokenizer model; max_tokens)
+
+
+def make_workload(
+    num_requests: int, seed: int = 0, *, vocab_size: int = 32000, max_len: int = MAX_LEN
+) -> list[tuple[list[int], int]]:
+    """``num_requests`` (prompt token ids, max_tokens) pairs, deterministic for ``seed``.
+
+    Prefix-stable: the first k requests are the same whatever ``num_requests`` is (lengths are
+    drawn row by row, each prompt from its own ``(seed, i)`` stream), so a baseline may run a
+    slice of the same workload. ``max_len`` clips both lengths (keep 2 * max_len <= the model
+    length); ids are uniform in [0, vocab_size).
+    """
+    if num_requests < 1 or max_len < MIN_LEN or vocab_size < 1:
+        raise ValueError(
+            f"{num_requests=} must be >= 1, {max_len=} >= {MIN_LEN}, {vocab_size=} >= 1"
+        )
+    rng = np.random.default_rng(seed)
+    mu = np.log([PROMPT_LEN_MEDIAN, OUTPUT_LEN_MEDIAN])
+    draws = rng.lognormal(mu, [PROMPT_LEN_SIGMA, OUTPUT_LEN_SIGMA], size=(num_requests, 2))
+    lengths = np.clip(np.rint(draws), MIN_LEN, max_len).astype(np.int64)
+    workload = []
+    for i, (prompt_len, output_len) in enumerate(lengths.tolist()):
+        ids = np.random.default_rng([seed, i]).integers(0, vocab_size, prompt_len)
+        workload.append((ids.tolist(), output_len))
+    return workload
+
+
+def read_jsonl(path: str, max_tokens: int | None) -> Workload:
+    """Requests of a JSONL file: ``prompt_token_ids`` or ``prompt`` (text), optional
+    ``max_tokens``. ValueError naming the line for anything else."""
+    workload: Workload = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i + 1}: not valid JSON: {e.msg}") from None
+        has = [
+            k for k in ("prompt_token_ids", "prompt") if isinstance(record, dict) and k in record
+        ]
+        if len(has) != 1:
+            raise ValueError(f"{path}:{i + 1}: needs exactly one of 'prompt_token_ids', 'prompt'")
+        n = max_tokens or record.get("max_tokens", JSONL_MAX_TOKENS)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{path}:{i + 1}: max_tokens={n!r} must be an int >= 1")
+        workload.append((record[has[0]], n))
+    if not workload:
+        raise ValueError(f"{path} holds no requests")
+    return workload
+
+
+def _dist(values: Any, percentiles: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        return {"mean": float("nan"), **{f"p{p}": float("nan") for p in percentiles}}
+    out = {"mean": float(a.mean())}
+    out.update({f"p{p}": float(np.percentile(a, p)) for p in percentiles})
+    return out
+
+
+def workload_summary(prompt_lens: list[int], output_lens: list[int]) -> dict[str, Any]:
+    def one(lens: list[int]) -> dict[str, float]:
+        a = np.asarray(lens)
+        return {"mean": float(a.mean()), "p50": float(np.median(a)), "max": int(a.max())}
+
+    return {
+        "num_requests": len(prompt_lens),
+        "prompt_tokens": int(sum(prompt_lens)),
+        "output_tokens": int(sum(output_lens)),
+        "prompt_len": one(prompt_lens),
+        "output_len": one(output_lens),
+    }
+
+
+def measure_copy_bandwidth(num_bytes: int = 2**30, runs: int = 10) -> dict[str, float]:
+    """Device-to-device copy of ``num_bytes`` with jax: (bytes read + written) / median time."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.zeros((num_bytes // 4,), jnp.uint32)
+    copy = jax.jit(jnp.copy)
+    y = copy(x).block_until_ready()
+    if y.unsafe_buffer_pointer() == x.unsafe_buffer_pointer():
+        raise RuntimeError("the jitted copy returned its input buffer: nothing was copied")
+    times = []
+    for _ in range(max(runs, 10)):
+        del y
+        start = time.perf_counter()
+        y = copy(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    del x, y
+    median_s = float(np.median(times))
+    return {"bytes": 2 * 4 * (num_bytes // 4), "median_s": median_s,
+            "bytes_per_s": 2 * 4 * (num_bytes // 4) / median_s, "runs": len(times)}  # fmt: skip
+
+
+def _kv_bytes_per_token(llm: Any) -> int:
+    """K and V bytes of one token across all layers."""
+    cfg = llm.model_config
+    itemsize = llm.runner.kv.k_pages[0].dtype.itemsize
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def _timeline_metrics(llm: Any, copy_bytes_per_s: float | None) -> dict[str, Any]:
+    """Host overhead, per-step cost components and decode MBU from ``llm.timeline``."""
+    from paged_jax.model.presets import param_bytes
+
+    steps = llm.timeline
+    parts = ("schedule_s", "pack_s", "dispatch_s", "device_wait_s", "update_s")
+    step_s = np.array([r.step_s for r in steps])
+    means = {p: float(np.mean([getattr(r, p) for r in steps])) for p in parts}
+    means["other_s"] = float(step_s.mean()) - sum(means.values())
+    cfg, params = llm.model_config, llm.runner.params
+    # A decode step reads every weight once except the embedding table, of which it gathers
+    # a few rows (tied embeddings are read whole, as the lm head).
+    weight_bytes = param_bytes(params)
+    if not cfg.tie_word_embeddings:
+        weight_bytes -= params["embed"].nbytes
+    kv_bytes_per_token = _kv_bytes_per_token(llm)
+    decode = [r for r in steps if r.num_tokens == r.num_seqs]
+    decode_bytes = sum(weight_bytes + r.num_kv_tokens * kv_bytes_per_token for r in decode)
+    decode_s = sum(r.step_s for r in decode)
+    device_s = sum(r.dispatch_s + r.device_wait_s for r in decode)
+    mbu = mbu_device = None
+    if decode and copy_bytes_per_s:
+        mbu = decode_bytes / decode_s / copy_bytes_per_s
+        mbu_device = decode_bytes / device_s / copy_bytes_per_s
+    return {
+        "host_overhead_share": float(
+            (step_s - [r.device_wait_s for r in steps]).sum() / step_s.sum()
+        ),
+        "step_mean_s": float(step_s.mean()),
+        "step_component_mean_s": means,
+        "biggest_step_costs": sorted(means, key=means.__getitem__, reverse=True)[:3],
+        "decode": {
+            "steps": len(decode),
+            "step_s": _dist([r.step_s for r in decode]),
+            "mean_num_seqs": float(np.mean([r.num_seqs for r in decode])) if decode else 0.0,
+            "weight_bytes_per_step": int(weight_bytes),
+            "kv_bytes_per_token": int(kv_bytes_per_token),
+            "bytes_per_s": decode_bytes / decode_s if decode else None,
+            "mbu": mbu,  # (weight + K/V bytes read) / step time / copy bandwidth
+            "mbu_device": mbu_device,  # the same over dispatch + device wait only
+        },
+    }
+
+
+def _series(llm: Any, start: float, max_points: int = 200) -> dict[str, list[float]]:
+    """The timeline in at most ``max_points`` time bins: tokens/s, pages in use, sequences.
+    Output tok/s is approximated by sequences per step (only a sequence's last prefill chunk
+    samples, so it overcounts by at most the partial prefills)."""
+    steps = llm.timeline
+    t = np.array([r.time - start for r in steps])
+    edges = np.linspace(0.0, max(float(t[-1]), 1e-9), min(max_points, len(steps)) + 1)
+    idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, len(edges) - 2)
+    width = np.diff(edges)
+
+    def per_bin(values: list[float], reduce: str) -> list[float]:
+        v = np.asarray(values, dtype=np.float64)
+        sums, counts = np.bincount(idx, v, len(width)), np.bincount(idx, None, len(width))
+        out = (
+            sums / width
+            if reduce == "rate"
+            else np.where(counts, sums / np.maximum(counts, 1), np.nan)
+        )
+        return [round(float(x), 4) for x in out]
+
+    num_pages = llm.scheduler_config.num_pages
+    return {
+        "t_s": [round(float(x), 4) for x in edges[1:]],
+        "tokens_per_s": per_bin([r.num_tokens for r in steps], "rate"),
+        "output_tokens_per_s": per_bin([r.num_seqs for r in steps], "rate"),
+        "used_pages_frac": per_bin([r.num_used_pages / num_pages for r in steps], "mean"),
+        "num_seqs": per_bin([r.num_seqs for r in steps], "mean"),
+    }
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    options = {
+        "dtype": args.dtype,
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "page_size": args.page_size,
+        "num_pages": args.num_pages,
+        "reserve_full": args.contiguous,
+        "attn_impl": args.attn_impl,
+        "compilation_cache_dir": args.compilation_cache_dir,
+    }
+    if args.kv_memory_fraction is not None:
+        options["kv_memory_fraction"] = args.kv_memory_fraction
+    return options
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark described by ``args`` (see ``build_parser``); returns the result dict
+    (its ``series`` holds the binned timeline for the plot)."""
+    import jax
+
+    from paged_jax import LLM, SamplingParams
+
+    jsonl = read_jsonl(args.input, args.max_tokens) if args.input else None  # fail fast
+    copy = None
+    if args.copy_bytes > 0:  # before the engine takes its KV budget of the free memory
+        copy = measure_copy_bandwidth(args.copy_bytes, args.copy_runs)
+        logger.info("device copy: %.1f GB/s", copy["bytes_per_s"] / 1e9)
+    start = time.perf_counter()
+    llm = LLM(model=args.model, **_engine_options(args))
+    init_s = time.perf_counter() - start
+    vocab = llm.model_config.vocab_size
+    max_model_len = llm.scheduler_config.max_model_len
+    if jsonl is None:
+        max_len = min(MAX_LEN, max_model_len // 2)
+        if max_len < MAX_LEN:
+            logger.warning("max_model_len=%d: lengths clipped to %d", max_model_len, max_len)
+        workload: Workload = make_workload(args.num_requests or 1000, args.seed,
+                                           vocab_size=vocab, max_len=max_len)  # fmt: skip
+        if args.max_tokens:
+            workload = [(p, args.max_tokens) for p, _ in workload]
+    else:
+        workload = jsonl[: args.num_requests] if args.num_requests else jsonl
+        workload = [(llm.encode_prompt(p)[1], n) for p, n in workload]
+    prompts = [p for p, _ in workload]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
+        for _, n in workload
+    ]
+    if args.warmup_requests:
+        rng = np.random.default_rng(args.seed + 1)
+        warm = [
+            rng.integers(0, vocab, WARMUP_PROMPT_LEN).tolist() for _ in range(args.warmup_requests)
+        ]
+        warm_params = SamplingParams(temperature=0.0, max_tokens=WARMUP_MAX_TOKENS,
+                                     ignore_eos=True, detokenize=False)  # fmt: skip
+        llm.generate(warm, warm_params, use_tqdm=False)
+    llm.reset_stats()
+
+    logger.info("running %d requests", len(prompts))
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=args.progress)
+    seconds = time.perf_counter() - start
+    stats = llm.stats()
+
+    num_out = [len(o.outputs[0].token_ids) for o in outputs]
+    num_in = [len(p) for p in prompts]
+    ttft = [o.metrics.time_to_first_token for o in outputs]
+    tpot = [
+        (o.metrics.finished_time - o.metrics.first_token_time) / (n - 1)
+        for o, n in zip(outputs, num_out, strict=True)
+        if n > 1
+    ]
+    pages = [r.num_used_pages for r in llm.timeline]
+    sc = llm.scheduler_config
+    result = {
+        "bench": "paged_jax.throughput",
+        "tag": args.tag,
+        "mode": "contiguous" if args.contiguous else "paged",
+        "device": jax.devices()[0].device_kind,
+        "platform": jax.devices()[0].platform,
+        "jax_version": jax.__version__,
+        "python_version": platform.python_version(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "args": vars(args),
+        "workload": {"source": args.input or "synthetic", **workload_summary(num_in, num_out)},
+        "num_pages": sc.num_pages,
+        "page_size": sc.page_size,
+        "max_model_len": sc.max_model_len,
+        "kv_cache_gib": sc.num_pages * sc.page_size * _kv_bytes_per_token(llm) / 2**30,
+        "seconds": seconds,
+        "requests_per_s": len(outputs) / seconds,
+        "output_tokens": int(sum(num_out)),
+        "output_tokens_per_s": sum(num_out) / seconds,
+        "total_tokens_per_s": (sum(num_out) + sum(num_in)) / seconds,
+        "ttft_s": _dist(ttft),
+        "tpot_s": _dist(tpot),
+        "latency_s": _dist([o.metrics.latency for o in outputs]),
+        "steps": stats["steps"],
+        "preemptions": stats["preemptions"],
+        "kv_utilization": stats["kv_utilization"],
+        "used_pages_frac": {
+            "mean": float(np.mean(pages)) / sc.num_pages,
+            "max": float(np.max(pages)) / sc.num_pages,
+        },  # fmt: skip
+        "max_num_seqs_in_step": int(max(r.num_seqs for r in llm.timeline)),
+        **_timeline_metrics(llm, copy["bytes_per_s"] if copy else None),
+        "copy": copy,
+        "compiles_after_warmup": stats["compiles_after_warmup"],
+        "warmup_seconds": llm.warmup_seconds,
+        "warmup_buckets": len(llm.runner.warmup_seconds),
+        "load_seconds": stats["load_seconds"],
+        "init_seconds": init_s,
+        "series": _series(llm, start),
+    }
+    llm.runner.close()
+    return result
+
+
+def _ms(d: dict[str, float]) -> str:
+    return " / ".join(f"{1e3 * d[k]:.1f}" for k in ("p50", "p90", "p99"))
+
+
+def to_markdown(r: dict[str, Any]) -> str:
+    w, dec = r["workload"], r["decode"]
+    fmt = lambda x, spec: "n/a" if x is None else format(x, spec)  # noqa: E731
+    comps = ", ".join(f"{k[:-2]} {1e3 * v:.2f}" for k, v in r["step_component_mean_s"].items())
+    rows = [
+        ("requests/s", f"{r['requests_per_s']:.2f}"),
+        ("output tok/s", f"{r['output_tokens_per_s']:.1f}"),
+        ("total tok/s (prompt + output)", f"{r['total_tokens_per_s']:.1f}"),
+        ("TTFT p50 / p90 / p99 (ms)", _ms(r["ttft_s"])),
+        ("TPOT p50 / p90 / p99 (ms)", _ms(r["tpot_s"])),
+        ("KV utilization (tokens / allocated slots, mean)", f"{r['kv_utilization']:.3f}"),
+        ("pages in use, mean / max (of num_pages)",
+         f"{r['used_pages_frac']['mean']:.3f} / {r['used_pages_frac']['max']:.3f}"),
+        ("num_pages x page_size (KV GiB)",
+         f"{r['num_pages']} x {r['page_size']} ({r['kv_cache_gib']:.2f})"),
+        ("max sequences in a step", str(r["max_num_seqs_in_step"])),
+        ("preemptions", str(r["preemptions"])),
+        ("decode MBU (step / device time)",
+         f"{fmt(dec['mbu'], '.3f')} / {fmt(dec['mbu_device'], '.3f')}"),
+        ("copy bandwidth (GB/s, read + written)",
+         fmt(r["copy"] and r["copy"]["bytes_per_s"] / 1e9, ".0f")),
+        ("decode steps, mean sequences", f"{dec['steps']}, {dec['mean_num_seqs']:.1f}"),
+        ("host overhead share of step time", f"{r['host_overhead_share']:.3f}"),
+        ("step mean (ms) and components", f"{1e3 * r['step_mean_s']:.2f}: {comps}"),
+        ("three biggest step costs", ", ".join(k[:-2] for k in r["biggest_step_costs"])),
+        ("compiles after warmup", str(r["compiles_after_warmup"])),
+        ("warmup s (buckets)", f"{r['warmup_seconds']:.1f} ({r['warmup_buckets']})"),
+    ]  # fmt: skip
+    head = (
+        f"### {r['args']['model']} ({r['mode']}){' - ' + r['tag'] if r['tag'] else ''}\n\n"
+        f"{r['device']}, jax {r['jax_version']}, {r['date']}. {w['num_requests']} requests "
+        f"({w['source']}, seed {r['args']['seed']}): prompt mean {w['prompt_len']['mean']:.0f} "
+        f"(max {w['prompt_len']['max']}), output mean {w['output_len']['mean']:.0f} "
+        f"(max {w['output_len']['max']}) tokens, ignore_eos, greedy; {r['seconds']:.1f} s.\n\n"
+    )
+    table = "| metric | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+    return head + table
+
+
+def write_plot(r: dict[str, Any], path: Path) -> bool:
+    """Throughput and KV pages in use over time; False (with a warning) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot written")
+        return False
+    s = r["series"]
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
+    top.plot(s["t_s"], s["tokens_per_s"], label="scheduled tok/s (prompt + output)")
+    top.plot(s["t_s"], s["output_tokens_per_s"], label="output tok/s (sequences per step)")
+    top.set_ylabel("tokens / s")
+    top.legend(loc="upper right")
+    top.set_title(f"{r['args']['model']} ({r['mode']}), {r['device']}")
+    bottom.plot(s["t_s"], [100 * x for x in s["used_pages_frac"]], color="C2")
+    bottom.set_ylabel("KV pages in use (%)")
+    bottom.set_ylim(0, 105)
+    bottom.set_xlabel("seconds")
+    seqs = bottom.twinx()
+    seqs.plot(s["t_s"], s["num_seqs"], color="C3", alpha=0.6)
+    seqs.set_ylabel("sequences per step", color="C3")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_results(r: dict[str, Any], out_dir: str, stem: str) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    paths[0].write_text(json.dumps(r, indent=1) + "\n")
+    paths[1].write_text(to_markdown(r))
+    if write_plot(r, out / f"{stem}.png"):
+        paths.append(out / f"{stem}.png")
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="paged-jax bench", description="Offline throughput on a synthetic or JSONL workload."
+    )
+    add = ap.add_argument
+    add("--model", default="random:llama2-7b", help="random:<preset>, bundled alias, HF dir, GGUF")
+    add("--dtype", default="bfloat16", choices=("auto", "float32", "bfloat16", "float16"))
+    add("--num-requests", type=int, default=None, help="default 1000 (synthetic) / all (JSONL)")
+    add("--seed", type=int, default=0)
+    add("--input", default=None, help="JSONL: prompt_token_ids or prompt, optional max_tokens")
+    add("--max-tokens", type=int, default=None, help="fixed max_tokens for every request")
+    add("--max-num-seqs", type=int, default=256)
+    add("--max-num-batched-tokens", type=int, default=2048)
+    add("--max-model-len", type=int, default=2048)
+    add("--page-size", type=int, default=16)
+    add("--num-pages", type=int, default=None, help="default: from --kv-memory-fraction")
+    add("--kv-memory-fraction", type=float, default=None, help="engine default 0.9")
+    add("--contiguous", action="store_true", help="reserve max_model_len per request")
+    add("--attn-impl", default="auto", choices=("auto", "reference", "gpu", "tpu"))
+    add("--warmup-requests", type=int, default=8, help="small requests run before timing")
+    add("--compilation-cache-dir", default=None)
+    add("--copy-bytes", type=int, default=2**30, help="bytes of the timed copy; 0 skips MBU")
+    add("--copy-runs", type=int, default=10)
+    add("--out", default="out/bench", help="directory for the .json, .md and .png")
+    add("--tag", default=None, help="names the output files; default <model>-<mode>")
+    add("--progress", action="store_true", help="show a progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_bench(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stem = args.tag or f"{args.model}-{result['mode']}"
+    paths = write_results(result, args.out, re.sub(r"[^A-Za-z0-9_.-]+", "-", stem))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("series", "args")}))
+    for path in paths:
+        logger.info("wrote %s", path)
+    return 0
