@@ -3,6 +3,11 @@
 T: powers of two from 16 up to max_num_batched_tokens, the budget itself being the last bucket
 even if it is not a power of two (a step never pads past its budget). S: powers of two from 8 up
 to max_num_seqs, likewise ending at max_num_seqs.
+
+S is tied to T: a step of T tokens gets the smallest S bucket holding min(T, max_num_seqs)
+sequences (it can never have more, since each sequence schedules at least one token). So
+there is one compiled step per token bucket (8 for a 2048 budget, not 40), and padding rows
+cost only their metadata: attention and sampling skip rows past num_seqs.
 """
 
 from __future__ import annotations
@@ -40,26 +45,22 @@ class Buckets:
         )
 
     def pick_bucket(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
-        """The smallest (T, S) with num_tokens <= T and num_seqs <= S."""
+        """The smallest T with num_tokens <= T, and the S bucket tied to it."""
         if not 1 <= num_tokens <= self.token_buckets[-1]:
             raise ValueError(f"{num_tokens=} must be in [1, {self.token_buckets[-1]}]")
-        if not 1 <= num_seqs <= self.seq_buckets[-1]:
-            raise ValueError(f"{num_seqs=} must be in [1, {self.seq_buckets[-1]}]")
+        if not 1 <= num_seqs <= min(num_tokens, self.seq_buckets[-1]):
+            raise ValueError(f"{num_seqs=} must be in [1, min({num_tokens=}, max_num_seqs)]")
         num_tokens_bucket = self.token_buckets[bisect.bisect_left(self.token_buckets, num_tokens)]
-        num_seqs_bucket = self.seq_buckets[bisect.bisect_left(self.seq_buckets, num_seqs)]
-        return num_tokens_bucket, num_seqs_bucket
+        return num_tokens_bucket, self.seqs_for(num_tokens_bucket)
+
+    def seqs_for(self, num_tokens_bucket: int) -> int:
+        """The S bucket compiled with token bucket T: holds min(T, max_num_seqs) sequences."""
+        wanted = min(num_tokens_bucket, self.seq_buckets[-1])
+        return self.seq_buckets[bisect.bisect_left(self.seq_buckets, wanted)]
 
     def reachable(self) -> list[tuple[int, int]]:
-        """The (T, S) pairs `pick_bucket` can return, for warmup. Every sequence schedules at
-        least one token, so num_tokens >= num_seqs: a pair whose S is only picked for more
-        sequences than T holds tokens is never used."""
-        pairs = []
-        for i, seqs in enumerate(self.seq_buckets):
-            min_num_seqs = self.seq_buckets[i - 1] + 1 if i else 1
-            for tokens in self.token_buckets:
-                if tokens >= min_num_seqs:
-                    pairs.append((tokens, seqs))
-        return pairs
+        """Every (T, S) `pick_bucket` can return, for warmup: one per token bucket."""
+        return [(t, self.seqs_for(t)) for t in self.token_buckets]
 
 
 def pick_bucket(
