@@ -18,6 +18,11 @@ PRESETS: dict[str, ModelConfig] = {
         arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048,
     ),
+    "smollm2-135m": ModelConfig(
+        arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+        num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True,
+    ),
     "llama-1b": ModelConfig(
         arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
         num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
