@@ -94,13 +94,24 @@ def read_jsonl(path: str, max_tokens: int | None) -> Workload:
     return workload
 
 
-def _dist(values: Any, percentiles: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
+def _dist(values: Any, percentiles: tuple[int, ...] = (50, 90, 99)) -> dict[str, float | None]:
     a = np.asarray(values, dtype=np.float64)
     if a.size == 0:
-        return {"mean": float("nan"), **{f"p{p}": float("nan") for p in percentiles}}
+        return {"mean": None, **{f"p{p}": None for p in percentiles}}
     out = {"mean": float(a.mean())}
     out.update({f"p{p}": float(np.percentile(a, p)) for p in percentiles})
     return out
+
+
+def _finite(x: Any) -> Any:
+    """``x`` with every non-finite float replaced by None (strict JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
 
 
 def workload_summary(prompt_lens: list[int], output_lens: list[int]) -> dict[str, Any]:
@@ -190,17 +201,19 @@ def _timeline_metrics(llm: Any, copy_bytes_per_s: float | None) -> dict[str, Any
     }
 
 
-def _series(llm: Any, start: float, max_points: int = 200) -> dict[str, list[float]]:
-    """The timeline in at most ``max_points`` time bins: tokens/s, pages in use, sequences.
-    Output tok/s is approximated by sequences per step (only a sequence's last prefill chunk
-    samples, so it overcounts by at most the partial prefills)."""
+def _series(llm: Any, start: float, max_points: int = 120) -> dict[str, list[float]]:
+    """The timeline in time bins (about 5 steps each, at most ``max_points``): tokens/s, pages
+    in use, sequences; None for a bin without steps. Output tok/s is approximated by sequences
+    per step (only a sequence's last prefill chunk samples, so it overcounts by at most the
+    partial prefills)."""
     steps = llm.timeline
     t = np.array([r.time - start for r in steps])
-    edges = np.linspace(0.0, max(float(t[-1]), 1e-9), min(max_points, len(steps)) + 1)
+    num_bins = max(1, min(max_points, len(steps) // 5))
+    edges = np.linspace(0.0, max(float(t[-1]), 1e-9), num_bins + 1)
     idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, len(edges) - 2)
     width = np.diff(edges)
 
-    def per_bin(values: list[float], reduce: str) -> list[float]:
+    def per_bin(values: list[float], reduce: str) -> list[float | None]:
         v = np.asarray(values, dtype=np.float64)
         sums, counts = np.bincount(idx, v, len(width)), np.bincount(idx, None, len(width))
         out = (
@@ -208,7 +221,7 @@ def _series(llm: Any, start: float, max_points: int = 200) -> dict[str, list[flo
             if reduce == "rate"
             else np.where(counts, sums / np.maximum(counts, 1), np.nan)
         )
-        return [round(float(x), 4) for x in out]
+        return _finite([round(float(x), 4) for x in out])
 
     num_pages = llm.scheduler_config.num_pages
     return {
@@ -306,7 +319,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "python_version": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "args": vars(args),
-        "workload": {"source": args.input or "synthetic", **workload_summary(num_in, num_out)},
+        "workload": {
+            "source": args.input or "synthetic",
+            **workload_summary(num_in, [n for _, n in workload]),
+        },
         "num_pages": sc.num_pages,
         "page_size": sc.page_size,
         "max_model_len": sc.max_model_len,
@@ -325,7 +341,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "used_pages_frac": {
             "mean": float(np.mean(pages)) / sc.num_pages,
             "max": float(np.max(pages)) / sc.num_pages,
-        },  # fmt: skip
+        },
         "max_num_seqs_in_step": int(max(r.num_seqs for r in llm.timeline)),
         **_timeline_metrics(llm, copy["bytes_per_s"] if copy else None),
         "copy": copy,
@@ -340,8 +356,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _ms(d: dict[str, float]) -> str:
-    return " / ".join(f"{1e3 * d[k]:.1f}" for k in ("p50", "p90", "p99"))
+def _ms(d: dict[str, float | None]) -> str:
+    return " / ".join("n/a" if d[k] is None else f"{1e3 * d[k]:.1f}" for k in ("p50", "p90", "p99"))
 
 
 def to_markdown(r: dict[str, Any]) -> str:
@@ -358,7 +374,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         ("pages in use, mean / max (of num_pages)",
          f"{r['used_pages_frac']['mean']:.3f} / {r['used_pages_frac']['max']:.3f}"),
         ("num_pages x page_size (KV GiB)",
-         f"{r['num_pages']} x {r['page_size']} ({r['kv_cache_gib']:.2f})"),
+         f"{r['num_pages']} x {r['page_size']} ({r['kv_cache_gib']:.3g})"),
         ("max sequences in a step", str(r["max_num_seqs_in_step"])),
         ("preemptions", str(r["preemptions"])),
         ("decode MBU (step / device time)",
@@ -393,7 +409,7 @@ def write_plot(r: dict[str, Any], path: Path) -> bool:
     except ImportError:
         logger.warning("matplotlib is not installed: no plot written")
         return False
-    s = r["series"]
+    s = {k: [np.nan if v is None else v for v in vs] for k, vs in r["series"].items()}
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
     top.plot(s["t_s"], s["tokens_per_s"], label="scheduled tok/s (prompt + output)")
     top.plot(s["t_s"], s["output_tokens_per_s"], label="output tok/s (sequences per step)")
@@ -417,7 +433,7 @@ def write_results(r: dict[str, Any], out_dir: str, stem: str) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    paths[0].write_text(json.dumps(r, indent=1) + "\n")
+    paths[0].write_text(json.dumps(_finite(r), indent=1) + "\n")
     paths[1].write_text(to_markdown(r))
     if write_plot(r, out / f"{stem}.png"):
         paths.append(out / f"{stem}.png")
@@ -464,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stem = args.tag or f"{args.model}-{result['mode']}"
     paths = write_results(result, args.out, re.sub(r"[^A-Za-z0-9_.-]+", "-", stem))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("series", "args")}))
+    print(json.dumps(_finite({k: v for k, v in result.items() if k not in ("series", "args")})))
     for path in paths:
         logger.info("wrote %s", path)
     return 0

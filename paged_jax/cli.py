@@ -124,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--print", action="store_true", help="also print each result")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("overrides", nargs="*", help="engine config overrides, key=value")
+    sub.add_parser(
+        "bench", help="offline throughput benchmark (paged_jax.bench; --help)", add_help=False
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from paged_jax.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -7,6 +7,8 @@ ids and requests use ``SamplingParams(detokenize=False)``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -46,16 +48,17 @@ def preset_config(name: str) -> ModelConfig:
     return PRESETS[name]
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
 def init_random_params(cfg: ModelConfig, dtype: jnp.dtype, seed: int = 0) -> Params:
     """Random params of ``cfg``'s shapes, laid out as ``model/llama.py`` documents."""
-    key = jax.random.PRNGKey(seed)
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 8 * cfg.num_layers + 8))
 
     def normal(shape: tuple[int, ...]) -> jax.Array:
-        nonlocal key
-        key, sub = jax.random.split(key)
-        return jax.jit(lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))(
-            sub
-        )
+        return _normal(next(keys), shape, jnp.dtype(dtype))  # one compile per distinct shape
 
     d, f = cfg.hidden_size, cfg.intermediate_size
     qkv = cfg.q_size + 2 * cfg.kv_size
