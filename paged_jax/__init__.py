@@ -1,8 +1,26 @@
-"""paged_jax: a PagedAttention LLM inference engine in JAX."""
+"""paged_jax: a PagedAttention LLM inference engine in JAX.
 
-from paged_jax.engine.outputs import CompletionOutput, RequestOutput
-from paged_jax.engine.sampling_params import SamplingParams
-from paged_jax.llm import LLM
+The public names are imported lazily, so ``import paged_jax.engine`` (pure Python) or
+``paged_jax.io.bundled`` never pulls in jax.
+"""
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+
+_WHERE = {
+    "LLM": "paged_jax.llm",
+    "CompletionOutput": "paged_jax.engine.outputs",
+    "RequestOutput": "paged_jax.engine.outputs",
+    "SamplingParams": "paged_jax.engine.sampling_params",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'paged_jax' has no attribute {name!r}")

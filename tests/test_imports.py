@@ -65,3 +65,14 @@ def test_relative_imports_are_resolved(tmp_path):
     probe.write_text("from . import plan\nfrom .. import runtime\nfrom .sequence import Sequence\n")
     names = imported_modules(probe, package_root=tmp_path / "paged_jax")
     assert {"paged_jax.engine.plan", "paged_jax.runtime", "paged_jax.engine.sequence"} <= names
+
+
+def test_engine_import_does_not_load_jax():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, paged_jax.engine.scheduler, paged_jax.io.bundled; print('jax' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
