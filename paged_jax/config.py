@@ -35,6 +35,7 @@ class EngineConfig:
     reserve_full: bool = False  # contiguous mode: reserve max_model_len pages per request
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache
     warmup: bool = True  # precompile every bucket at start-up
+    warmup_prompt_logprobs: bool = False  # also the prompt_logprobs step (eval runs)
     seed: int = 0  # seeds unseeded requests (each still gets its own stream)
 
     def __post_init__(self) -> None:

@@ -92,7 +92,9 @@ class LLM:
             eos_token_ids=tuple(sorted(eos)),
             seed=cfg.seed,
         )
-        self.warmup_seconds = self.runner.warmup() if cfg.warmup else 0.0
+        self.warmup_seconds = 0.0
+        if cfg.warmup:
+            self.warmup_seconds = self.runner.warmup(prompt_logprobs=cfg.warmup_prompt_logprobs)
         if cfg.warmup:
             logger.info(
                 "warmup compiled %d buckets in %.1fs",
@@ -130,9 +132,6 @@ class LLM:
     def _make_request(self, prompt: Prompt, params: SamplingParams) -> Request:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        for name in ("logprobs", "prompt_logprobs"):
-            if getattr(params, name) is not None:
-                raise ValueError(f"{name}={getattr(params, name)} is not supported yet")
         text, ids = self.check_prompt(prompt)
         seq = Seq(str(self._num_requests), ids, params, prompt=text)
         self._num_requests += 1
@@ -159,9 +158,14 @@ class LLM:
         if plan.is_empty:
             raise RuntimeError("scheduler made no progress with requests pending")
         scheduled = time.perf_counter()
-        sampled = self.runner.run(plan)
+        out = self.runner.run(plan)
         ran = time.perf_counter()
-        finished = {s.seq_id for s in self.scheduler.update(plan, sampled.tolist())}
+        if out.logprobs is not None or out.prompt_logprobs is not None:
+            offset = 0
+            for row, item in enumerate(plan.scheduled):
+                live[item.seq.seq_id].record_logprobs(item, row, out, offset)
+                offset += item.num_new_tokens
+        finished = {s.seq_id for s in self.scheduler.update(plan, out.sampled.tolist())}
         end = time.perf_counter()
         self._stats["seconds"] += end - start
         self._stats["steps"] += 1

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from paged_jax.engine.outputs import CompletionOutput, RequestOutput
+from paged_jax.engine.plan import ScheduledSeq
 from paged_jax.engine.sampling_params import SamplingParams
 from paged_jax.engine.sequence import Sequence as Seq
 from paged_jax.io.detokenizer import IncrementalDetokenizer
 from paged_jax.io.tokenizer import Tokenizer
+from paged_jax.runtime.runner import StepOutput
 
 Prompt = str | list[int] | list[dict[str, str]]
 
@@ -36,6 +38,28 @@ class Request:
         self.seq = seq
         self.detok = detok
         self.text = ""  # returned text: detokenized output, cut at a stop string
+        params = seq.sampling_params
+        # {token id: logprob} per output token / per prompt token (None for the first)
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * seq.num_prompt_tokens
+
+    def record_logprobs(self, item: ScheduledSeq, row: int, out: StepOutput, offset: int) -> None:
+        """Keep this step's logprobs of the request: ``row`` in the sampled arrays, ``offset``
+        of its first packed token. Recomputed prompt positions overwrite the same values."""
+        params = self.seq.sampling_params
+        if self.prompt_logprobs is not None and out.prompt_logprobs is not None:
+            p = out.prompt_logprobs
+            last = min(item.kv_len, self.seq.num_prompt_tokens - 1)
+            for pos in range(item.start_position, last):  # scores prompt token pos + 1
+                j = offset + pos - item.start_position
+                self.prompt_logprobs[pos + 1] = _entry(
+                    p, j, self.seq.token_ids[pos + 1], params.prompt_logprobs
+                )
+        if self.logprobs is not None and item.sample and out.logprobs is not None:
+            token_id = int(out.sampled[row])
+            self.logprobs.append(_entry(out.logprobs, row, token_id, params.logprobs))
 
     def output(self) -> RequestOutput:
         seq = self.seq
@@ -45,6 +69,7 @@ class Request:
             token_ids=list(seq.output_token_ids),
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
+            logprobs=self.logprobs,
         )
         return RequestOutput(
             request_id=seq.request_id,
@@ -53,7 +78,18 @@ class Request:
             outputs=[completion],
             finished=seq.is_finished,
             metrics=seq.metrics(),
+            prompt_logprobs=self.prompt_logprobs,
         )
+
+
+def _entry(arrays: dict[str, Any], j: int, token_id: int, k: int) -> dict[int, float]:
+    """Top-k {token id: logprob} of row ``j`` plus ``token_id``'s own."""
+    entry = {
+        int(t): float(v)
+        for t, v in zip(arrays["top_ids"][j, :k], arrays["top"][j, :k], strict=True)
+    }
+    entry[token_id] = float(arrays["target"][j])
+    return entry
 
 
 def encode_prompt(

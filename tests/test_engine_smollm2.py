@@ -179,3 +179,40 @@ def test_min_tokens_masks_eos(engine):
 def test_kv_budget_too_small_says_what_fits():
     with pytest.raises(ValueError, match=r"max_model_len=2048 .* at most \d+ tokens would fit"):
         LLM("smollm2-135m", max_model_len=2048, kv_cpu_bytes=8 * 2**20, warmup=False)
+
+
+def test_logprobs_match_dense_forward(engine, fixture):
+    """Prompt and sampled-token logprobs equal log_softmax of the dense forward's logits,
+    also when the prompt is chunked over several steps."""
+    import jax
+    import jax.numpy as jnp
+
+    from paged_jax.io.loader import load_model
+    from paged_jax.model.llama import dense_logits
+
+    prompts, expected = fixture
+    prompt = prompts[3] + prompts[3][1:]  # 73 tokens: chunked by the 64-token budget
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=5,
+                            prompt_logprobs=3)  # fmt: skip
+    outs = engine.generate([prompts[0], prompt], params, use_tqdm=False)
+    out = outs[1]
+    loaded = load_model("smollm2-135m", "float32")
+    ids = prompt + out.outputs[0].token_ids
+    ref = np.asarray(
+        jax.nn.log_softmax(dense_logits(loaded.params, loaded.config, jnp.asarray([ids]))[0])
+    )  # f32[T, V]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for i in range(1, len(prompt)):
+        entry = out.prompt_logprobs[i]
+        assert prompt[i] in entry and len(entry) <= 4
+        for token_id, lp in entry.items():
+            assert abs(lp - ref[i - 1, token_id]) < 1e-3
+        top3 = set(np.argsort(-ref[i - 1])[:3].tolist())
+        assert top3 <= set(entry)
+    lps = out.outputs[0].logprobs
+    assert len(lps) == 4
+    for j, (token_id, entry) in enumerate(zip(out.outputs[0].token_ids, lps, strict=True)):
+        pos = len(prompt) - 1 + j
+        assert token_id == int(np.argmax(ref[pos]))  # greedy
+        assert abs(entry[token_id] - ref[pos, token_id]) < 1e-3 and len(entry) == 5
+    assert outs[0].prompt_logprobs is not None and outs[0].outputs[0].token_ids == expected[0][:4]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -39,7 +39,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
-    logprobs: list[Any] | None = None
+    logprobs: list[dict[int, float]] | None = None  # per token: top-k plus the sampled one
 
     @property
     def finished(self) -> bool:
@@ -54,3 +54,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # per prompt token: None for the first, then {token id: logprob} of the top-k plus the
+    # actual token (only when SamplingParams.prompt_logprobs is set)
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+MAX_LOGPROBS = 20  # top-k logprobs a request may ask for (the step computes this many)
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -73,8 +75,8 @@ class SamplingParams:
             raise ValueError(f"ignore_eos={self.ignore_eos!r} must be a bool")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 0):
-                raise ValueError(f"{name}={value!r} must be None or an int >= 0")
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name}={value!r} must be None or an int in [0, {MAX_LOGPROBS}]")
         if not isinstance(self.detokenize, bool):
             raise ValueError(f"detokenize={self.detokenize!r} must be a bool")
         if not self.detokenize and self.stop_strings:

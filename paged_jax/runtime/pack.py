@@ -43,6 +43,8 @@ class StepInputs:
     sample_positions: np.ndarray  # i32[S]  output index the sampled token will have
     do_sample: np.ndarray  # bool[S]
     suppress_eos: np.ndarray  # bool[S]  fewer than min_tokens outputs yet: EOS ids masked
+    want_logprobs: np.ndarray  # bool[S]  the request asked for logprobs of sampled tokens
+    target_ids: np.ndarray  # i32[T]  the next prompt token (scored by prompt_logprobs), else 0
 
 
 def request_seed(seq: Sequence, default_seed: int = 0) -> int:
@@ -72,6 +74,7 @@ def pack(
 
     page_tables = np.full((S, max_pages_per_seq), NULL_PAGE, np.int32)
     token_ids: list[int] = []
+    targets = np.zeros(T, np.int32)  # i32[T]
     per_seq: list[tuple] = []  # per sequence: q_len, kv_len, sampling values
     for row, item in enumerate(plan.scheduled):
         num_pages = len(item.page_ids)
@@ -83,6 +86,11 @@ def pack(
         if item.kv_len > num_pages * page_size:
             raise ValueError(f"request {item.request_id!r}: kv_len {item.kv_len} exceeds pages")
         token_ids.extend(item.token_ids)
+        if item.seq.sampling_params.prompt_logprobs is not None:
+            start = len(token_ids) - item.num_new_tokens
+            stop = min(item.kv_len, item.seq.num_prompt_tokens - 1) - item.start_position
+            for i in range(max(stop, 0)):
+                targets[start + i] = item.seq.token_ids[item.start_position + i + 1]
         page_tables[row, :num_pages] = item.page_ids
         params = item.seq.sampling_params
         per_seq.append(
@@ -97,9 +105,10 @@ def pack(
                 item.sample_position,
                 item.sample,
                 item.sample_position < params.min_tokens,
+                params.logprobs is not None,
             )
         )
-    columns = list(zip(*per_seq, strict=True)) if per_seq else [()] * 10
+    columns = list(zip(*per_seq, strict=True)) if per_seq else [()] * 11
 
     def column(index: int, dtype: type, pad: float) -> np.ndarray:
         out = np.full(S, pad, dtype)  # [S]
@@ -116,6 +125,7 @@ def pack(
     sample_positions = column(7, np.int32, 0)
     do_sample = column(8, np.bool_, False)
     suppress_eos = column(9, np.bool_, False)
+    want_logprobs = column(10, np.bool_, False)
 
     cu_q_lens = np.zeros(S + 1, np.int32)  # i32[S + 1]; padding rows repeat the last value
     np.cumsum(q_lens, out=cu_q_lens[1:])
@@ -156,4 +166,6 @@ def pack(
         sample_positions=sample_positions,
         do_sample=do_sample,
         suppress_eos=suppress_eos,
+        want_logprobs=want_logprobs,
+        target_ids=targets,
     )

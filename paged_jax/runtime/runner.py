@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,11 +77,21 @@ class ModelRunner:
         self.buckets = buckets
         self.seed = seed
         self.kv = KVState.create(cfg, num_pages, page_size, kv_dtype)
-        self._step = jax.jit(
-            make_step(cfg, attn_impl=attn_impl, eos_token_ids=eos_token_ids), donate_argnums=(1,)
-        )
-        self._executables: dict[tuple[int, int], Any] = {}
-        self.warmup_seconds: dict[tuple[int, int], float] = {}
+        self._steps = {
+            variant: jax.jit(
+                make_step(
+                    cfg,
+                    attn_impl=attn_impl,
+                    eos_token_ids=eos_token_ids,
+                    prompt_logprobs=variant,
+                ),
+                donate_argnums=(1,),
+            )
+            for variant in (False, True)
+        }
+        # keyed by (T, S, prompt_logprobs variant)
+        self._executables: dict[tuple[int, int, bool], Any] = {}
+        self.warmup_seconds: dict[tuple[int, int, bool], float] = {}
         self.warmed_up = False
         self.num_compiles_after_warmup = 0
         self.last_timing = (0.0, 0.0, 0.0)
@@ -98,46 +108,64 @@ class ModelRunner:
         )
         return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _as_dict(empty).items()}
 
-    def _compile(self, bucket: tuple[int, int]) -> Any:
+    def _compile(self, key: tuple[int, int, bool]) -> Any:
         start = time.perf_counter()
-        executable = self._step.lower(self.params, self.kv, self._inputs_spec(*bucket)).compile()
-        self.warmup_seconds[bucket] = time.perf_counter() - start
-        self._executables[bucket] = executable
+        step = self._steps[key[2]]
+        executable = step.lower(self.params, self.kv, self._inputs_spec(*key[:2])).compile()
+        self.warmup_seconds[key] = time.perf_counter() - start
+        self._executables[key] = executable
         return executable
 
-    def warmup(self) -> float:
-        """Compile every reachable bucket; returns total seconds. Logs seconds per bucket."""
+    def warmup(self, prompt_logprobs: bool = False) -> float:
+        """Compile every reachable bucket (and the prompt-logprobs variant when asked); returns
+        total seconds. Logs seconds per bucket."""
         total = 0.0
+        variants = (False, True) if prompt_logprobs else (False,)
         for bucket in self.buckets.reachable():
-            if bucket not in self._executables:
-                self._compile(bucket)
-                total += self.warmup_seconds[bucket]
-                logger.info(
-                    "compiled bucket T=%d S=%d in %.2fs", *bucket, self.warmup_seconds[bucket]
-                )
+            for variant in variants:
+                key = (*bucket, variant)
+                if key not in self._executables:
+                    self._compile(key)
+                    total += self.warmup_seconds[key]
+                    logger.info("compiled bucket T=%d S=%d prompt_logprobs=%s in %.2fs",
+                                *key, self.warmup_seconds[key])  # fmt: skip
         self.warmed_up = True
         return total
 
-    def run(self, plan: StepPlan) -> np.ndarray:
-        """Execute one step. Returns i32[num_seqs] sampled ids (meaningful where plan samples)."""
+    def run(self, plan: StepPlan) -> StepOutput:
+        """Execute one step: sampled ids for the plan's rows (meaningful where it samples),
+        and the logprob arrays when some request asked for them."""
         start = time.perf_counter()
-        bucket = self.buckets.pick_bucket(plan.num_tokens, plan.num_seqs)
-        executable = self._executables.get(bucket) or self._compile(bucket)
+        want_prompt = any(
+            i.seq.sampling_params.prompt_logprobs is not None
+            and i.start_position < i.seq.num_prompt_tokens - 1
+            for i in plan.scheduled
+        )
+        want_logprobs = any(
+            i.sample and i.seq.sampling_params.logprobs is not None for i in plan.scheduled
+        )
+        key = (*self.buckets.pick_bucket(plan.num_tokens, plan.num_seqs), want_prompt)
+        executable = self._executables.get(key) or self._compile(key)
         inputs = pack(
             plan,
-            num_tokens_bucket=bucket[0],
-            num_seqs_bucket=bucket[1],
+            num_tokens_bucket=key[0],
+            num_seqs_bucket=key[1],
             page_size=self.page_size,
             max_pages_per_seq=self.max_pages_per_seq,
             default_seed=self.seed,
         )
         packed = time.perf_counter()
-        self.kv, sampled = executable(self.params, self.kv, _as_dict(inputs))
+        self.kv, out = executable(self.params, self.kv, _as_dict(inputs))
         dispatched = time.perf_counter()
-        out = np.asarray(sampled)[: plan.num_seqs]  # waits for the device
+        n, t = plan.num_seqs, plan.num_tokens
+        result = StepOutput(
+            sampled=np.asarray(out["sampled"])[:n],  # waits for the device
+            logprobs=_fetch(out["logprobs"], n) if want_logprobs else None,
+            prompt_logprobs=_fetch(out["prompt"], t) if want_prompt else None,
+        )
         # host seconds packing, host seconds dispatching, seconds waiting for the device
         self.last_timing = (packed - start, dispatched - packed, time.perf_counter() - dispatched)
-        return out
+        return result
 
     def fill_free_pages(self, page_ids: list[int], value: float = float("nan")) -> None:
         """Overwrite pages (e.g. every free one) with ``value``: a test hook for stray reads."""
@@ -153,6 +181,16 @@ class ModelRunner:
     def close(self) -> None:
         if self in _listening_runners:
             _listening_runners.remove(self)
+
+
+class StepOutput(NamedTuple):
+    sampled: np.ndarray  # i32[num_seqs]
+    logprobs: dict[str, np.ndarray] | None  # target f32[n], top_ids i32[n, K], top f32[n, K]
+    prompt_logprobs: dict[str, np.ndarray] | None  # the same per packed token [num_tokens]
+
+
+def _fetch(arrays: dict[str, jax.Array], n: int) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[:n] for k, v in arrays.items()}
 
 
 def _as_dict(inputs: StepInputs) -> dict[str, np.ndarray]:

@@ -3,6 +3,8 @@ attention, logits at each sequence's last scheduled token, sample.
 
 One function serves prefill, decode and mixed batches; it is compiled once per (T, S) bucket
 with the KV state donated, so XLA scatters new K/V into the existing page buffers in place.
+The ``prompt_logprobs`` variant also scores every packed token against the next prompt token
+(an lm head over all T rows, so it is a separate executable, used only when asked for).
 """
 
 from __future__ import annotations
@@ -13,26 +15,45 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from paged_jax.engine.sampling_params import MAX_LOGPROBS
 from paged_jax.kernels import ragged_paged_attention, write_kv
 from paged_jax.model.config import ModelConfig
 from paged_jax.model.llama import Params, compute_logits, forward
 from paged_jax.model.sampler import sample
 from paged_jax.runtime.state import KVState
 
-StepFn = Callable[[Params, KVState, dict[str, Any]], tuple[KVState, jax.Array]]
+StepFn = Callable[[Params, KVState, dict[str, Any]], tuple[KVState, dict[str, jax.Array]]]
+
+
+def top_logprobs(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+    """Log-probabilities of ``targets`` and the MAX_LOGPROBS most likely tokens per row.
+
+    logits f32[N, V]; targets i32[N] -> target f32[N], top_ids i32[N, K], top f32[N, K]
+    """
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    top, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    target = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+    return {"target": target, "top_ids": top_ids.astype(jnp.int32), "top": top}
 
 
 def make_step(
-    cfg: ModelConfig, *, attn_impl: str = "auto", eos_token_ids: tuple[int, ...] = ()
+    cfg: ModelConfig,
+    *,
+    attn_impl: str = "auto",
+    eos_token_ids: tuple[int, ...] = (),
+    prompt_logprobs: bool = False,
 ) -> StepFn:
-    """Build ``step(params, kv, inputs) -> (kv, sampled i32[S])`` (not yet jitted).
+    """Build ``step(params, kv, inputs) -> (kv, outputs)`` (not yet jitted).
 
-    Rows flagged ``suppress_eos`` (fewer than min_tokens outputs) cannot sample an EOS id.
+    outputs: ``sampled`` i32[S]; ``logprobs`` (sampled tokens, raw model distribution; zeros
+    unless some row has ``want_logprobs``); with ``prompt_logprobs``, ``prompt`` scores of
+    every packed token against ``target_ids``. Rows flagged ``suppress_eos`` (fewer than
+    min_tokens outputs) cannot sample an EOS id.
     """
     sm_scale = cfg.head_dim**-0.5
     eos_ids = jnp.asarray([t for t in eos_token_ids if 0 <= t < cfg.vocab_size], jnp.int32)
 
-    def step(params: Params, kv: KVState, inputs: dict[str, Any]) -> tuple[KVState, jax.Array]:
+    def step(params: Params, kv: KVState, inputs: dict[str, Any]):
         # inputs: the arrays of runtime.pack.StepInputs for one (T, S) bucket
         def attn_fn(layer: int, q, k, v, cache):
             # q: [T, Hq, Dh]; k, v: [T, Hkv, Dh]
@@ -59,11 +80,12 @@ def make_step(
             params, cfg, inputs["token_ids"], inputs["positions"], (kv.k_pages, kv.v_pages), attn_fn
         )
         logits = compute_logits(params, cfg, hidden[inputs["logits_indices"]])  # f32[S, V]
+        masked = logits
         if eos_ids.size:
-            masked = logits.at[:, eos_ids].set(-jnp.inf)
-            logits = jnp.where(inputs["suppress_eos"][:, None], masked, logits)
+            no_eos = logits.at[:, eos_ids].set(-jnp.inf)
+            masked = jnp.where(inputs["suppress_eos"][:, None], no_eos, logits)
         sampled = sample(
-            logits,
+            masked,
             inputs["temperature"],
             inputs["top_k"],
             inputs["top_p"],
@@ -71,6 +93,23 @@ def make_step(
             inputs["seeds"],
             inputs["sample_positions"],
         )
-        return KVState(k_pages=k_pages, v_pages=v_pages), sampled
+        num_rows = logits.shape[0]
+        zeros = {
+            "target": jnp.zeros((num_rows,), jnp.float32),
+            "top_ids": jnp.zeros((num_rows, MAX_LOGPROBS), jnp.int32),
+            "top": jnp.zeros((num_rows, MAX_LOGPROBS), jnp.float32),
+        }
+        outputs = {
+            "sampled": sampled,
+            "logprobs": jax.lax.cond(
+                jnp.any(inputs["want_logprobs"]),
+                lambda: top_logprobs(logits, sampled),
+                lambda: zeros,
+            ),
+        }
+        if prompt_logprobs:
+            all_logits = compute_logits(params, cfg, hidden)  # f32[T, V]
+            outputs["prompt"] = top_logprobs(all_logits, inputs["target_ids"])
+        return KVState(k_pages=k_pages, v_pages=v_pages), outputs
 
     return step
