@@ -43,12 +43,12 @@ def main() -> None:
         max_new_tokens=args.new_tokens,
         min_new_tokens=args.new_tokens,
         pad_token_id=0,
-        attention_mask=torch.ones_like(ids),
     )
     with torch.inference_mode():
-        model.generate(ids[:2], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+        warm = {**kwargs, "max_new_tokens": 4, "min_new_tokens": 4}
+        model.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), **warm)
         start = time.perf_counter()
-        out = model.generate(ids, **kwargs)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
         seconds = time.perf_counter() - start
     num_out = (out.shape[1] - args.prompt_len) * args.prompts
     print(json.dumps({
