@@ -5,6 +5,10 @@ reads one request per line (``prompt`` or ``messages``, optional ``id`` and samp
 serves every valid line in one continuous batch, and writes one line per input line in input
 order: ``id, text, token_ids, finish_reason`` — or ``id, error`` for a line that could not be
 served. A bad line never stops the others.
+
+``paged-jax eval --config configs/eval/<name>.yaml [key=value ...]`` or
+``paged-jax eval --gin-file configs/eval/<name>.gin [--gin-param 'x.y=z' ...]`` runs an
+evaluation (``paged_jax.eval``), writes its JSON result and prints a one-line summary.
 """
 
 from __future__ import annotations
@@ -113,6 +117,28 @@ def _line_id(line: str, index: int) -> str:
     return str(index)
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    from paged_jax.eval.loaders import load_gin, load_yaml
+    from paged_jax.eval.runner import run_eval, summary_line
+
+    if bool(args.config) == bool(args.gin_file):
+        raise ValueError("give exactly one of --config (yaml) and --gin-file")
+    if args.gin_file:
+        if args.overrides:
+            raise ValueError(
+                f"key=value overrides {args.overrides} go with --config; "
+                "use --gin-param with --gin-file"
+            )
+        cfg = load_gin(args.gin_file, args.gin_param)
+    else:
+        if args.gin_param:
+            raise ValueError("--gin-param goes with --gin-file")
+        cfg = load_yaml(args.config, args.overrides)
+    result = run_eval(cfg, progress=not args.quiet)
+    print(summary_line(result, cfg.output_path))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="paged-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--print", action="store_true", help="also print each result")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("overrides", nargs="*", help="engine config overrides, key=value")
+    ev = sub.add_parser("eval", help="evaluation run from a yaml or gin config")
+    ev.add_argument("--config", help="eval yaml (configs/eval/*.yaml)")
+    ev.add_argument("--gin-file", action="append", default=[], help="eval gin file(s)")
+    ev.add_argument("--gin-param", action="append", default=[], help="gin binding, x.y=z")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.add_argument("overrides", nargs="*", help="yaml overrides, dotted key=value")
     sub.add_parser(
         "bench", help="offline throughput benchmark (paged_jax.bench; --help)", add_help=False
     )
@@ -135,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return generate(args)
+        return evaluate(args) if args.command == "eval" else generate(args)
     except (ValueError, OSError) as e:  # OSError: a missing/unreadable input or config
         print(f"error: {e}", file=sys.stderr)
         return 2

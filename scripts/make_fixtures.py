@@ -16,12 +16,16 @@ It writes, deterministically (fixed seeds, CPU, float32, eager attention):
   ``last_logits_<i>`` float32[V], ``greedy_<i>`` int32[32].
 * ``tests/data/smollm2_tokenizer.json``: tokenizer encode / chat-template cases.
 * ``tests/data/fixtures_meta.json``: versions, date, GGUF sha256, per-model details.
+* ``tests/data/ppl_smollm2.json``: SmolLM2's perplexity on the eval text fixture, over the same
+  rolling windows as the engine's perplexity task (``paged_jax.eval.scoring``). Only this one:
+  ``python scripts/make_fixtures.py --only ppl``.
 
 The bundled GGUF is found (and fetched on first use) via ``paged_jax.io.bundled``.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import importlib.metadata
@@ -402,7 +406,81 @@ def make_tokenizer_fixture(tok) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------
+# SmolLM2 perplexity on the eval text fixture
+# --------------------------------------------------------------------------------------------
+
+PPL_TEXT = "paged_jax/eval/data/declaration_of_independence.txt"
+PPL_CASES = [(256, 128), (512, 256), (256, 256)]  # (window, stride)
+
+
+@torch.no_grad()
+def make_ppl_smollm2(gguf_path: Path) -> None:
+    """Token-weighted perplexity with HF's own loss (labels masked to -100 outside each
+    window's new tokens), over exactly the windows ``paged_jax.eval`` scores."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from paged_jax.eval.scoring import perplexity, perplexity_windows  # stdlib only
+
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    model = load_eager(AutoModelForCausalLM, folder, gguf_file=fname)
+    text = (ROOT / PPL_TEXT).read_text(encoding="utf-8")
+    ids = tok(text)["input_ids"]  # the tokenizer's defaults (SmolLM2: no BOS)
+    cases = []
+    for window, stride in PPL_CASES:
+        windows = perplexity_windows(len(ids), window, stride)
+        nll_loss = nll_manual = 0.0
+        count = 0
+        for w in windows:
+            inp = torch.tensor([ids[w.begin : w.end]], dtype=torch.long)
+            labels = inp.clone()
+            labels[:, : w.score_from - w.begin] = -100  # context only; the loss shifts by one
+            out = model(inp, labels=labels)
+            nll_loss += float(out.loss) * w.num_scored
+            logp = torch.log_softmax(out.logits[0].double(), dim=-1)
+            for pos in range(w.score_from, w.end):
+                nll_manual -= float(logp[pos - w.begin - 1, ids[pos]])
+            count += w.num_scored
+        if abs(nll_loss - nll_manual) > 1e-4 * abs(nll_manual):
+            raise RuntimeError(f"HF loss {nll_loss} and log_softmax sum {nll_manual} disagree")
+        if stride < window and count != len(ids) - 1:  # == window: window starts lack context
+            raise RuntimeError(f"scored {count} tokens of {len(ids)}: windows overlap or miss")
+        case = {
+            "window": window,
+            "stride": stride,
+            "num_windows": len(windows),
+            "scored_tokens": count,
+            "nll_sum": nll_loss,
+            "perplexity": perplexity(nll_loss, count),
+        }
+        cases.append(case)
+        print(f"smollm2 ppl window={window} stride={stride}: {case['perplexity']:.4f}")
+    write_json(
+        DATA / "ppl_smollm2.json",
+        {
+            "text": PPL_TEXT,
+            "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "num_tokens": len(ids),
+            "token_ids": ids,
+            "cases": cases,
+            "method": "transformers causal-LM loss per window, labels -100 outside new tokens, "
+            "token-weighted over windows; float32, eager attention, CPU",
+            "gguf_sha256": sha256(gguf_path),
+            "versions": versions(),
+            "date": datetime.date.today().isoformat(),
+            "command": "python scripts/make_fixtures.py --only ppl",
+        },
+    )
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["ppl"], help="write only this fixture")
+    if parser.parse_args().only == "ppl":
+        torch.manual_seed(0)
+        make_ppl_smollm2(bundled_path("smollm2-135m"))
+        return
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
     DATA.mkdir(parents=True, exist_ok=True)
