@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from paged_jax.config import EngineConfig, load_config
 from paged_jax.engine.outputs import RequestOutput
