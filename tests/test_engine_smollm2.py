@@ -55,7 +55,7 @@ def test_greedy_batch_and_alone_match_hf(engine, fixture):
     outputs = engine.generate(prompts, GREEDY, use_tqdm=False)
     assert _tokens(outputs) == expected
     assert [o.request_id for o in outputs] == sorted((o.request_id for o in outputs), key=int)
-    for prompt, want in zip(prompts, expected, strict=True):
+    for prompt, want in zip(prompts[::2], expected[::2], strict=True):  # alone (two of them)
         assert _tokens(engine.generate([prompt], GREEDY, use_tqdm=False)) == [want]
     assert outputs[0].outputs[0].text.startswith(" Paris.")
     assert all(o.outputs[0].finish_reason == "length" for o in outputs)
