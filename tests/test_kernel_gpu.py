@@ -29,6 +29,8 @@ INTERPRET_SPECS = [
     decode_spec(16, 8, 1, 128, "bfloat16", num_seqs=3, seed=4),
     mixed_spec(8, 8, 2, 64, "float32", sliding_window=7, soft_cap=5.0, seed=5),
     decode_spec(8, 8, 2, 64, "float32", sliding_window=10, seed=6),
+    decode_spec(32, 9, 3, 64, "float32", pages_per_seq=3, seed=7),  # GQA 3, page 32
+    mixed_spec(64, 8, 1, 64, "float32", pages_per_seq=2, seed=8),  # GQA 8, page 64
 ]
 
 

@@ -23,6 +23,9 @@ from paged_jax.kernels import reference
 from paged_jax.kernels.reference import ReferenceBlockSizes
 
 SWEEP = sweep_specs()
+# The rest of the contract's sweep, one case each: page sizes 32 and 64, GQA ratios 3 and 8.
+COVERAGE = sweep_specs(page_sizes=(32, 64), gqa=((9, 3), (8, 1)), head_dims=(64,),
+                       dtypes=("float32",), pages_per_seq=3)  # fmt: skip
 
 
 def _check(spec: CaseSpec, **kwargs) -> None:
@@ -34,7 +37,7 @@ def _check(spec: CaseSpec, **kwargs) -> None:
     assert (padding == 0).all()
 
 
-@pytest.mark.parametrize("spec", SWEEP, ids=spec_id)
+@pytest.mark.parametrize("spec", SWEEP + COVERAGE, ids=spec_id)
 def test_sweep(spec: CaseSpec) -> None:
     _check(spec)
 

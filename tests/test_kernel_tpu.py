@@ -32,6 +32,8 @@ INTERPRET_SPECS = [
     mixed_spec(16, 4, 2, 128, "bfloat16", pages_per_seq=3, seed=2),
     mixed_spec(16, 4, 1, 64, "float32", pages_per_seq=3, sliding_window=9, soft_cap=10.0),
     CaseSpec(8, 2, 2, 64, "float32", kv_lens=(40, 7), q_lens=(23, 7), pages_per_seq=6, seed=4),
+    decode_spec(32, 9, 3, 64, "float32", num_seqs=2, pages_per_seq=2, seed=5),  # GQA 3
+    decode_spec(64, 8, 1, 64, "float32", num_seqs=2, pages_per_seq=2, seed=6),  # GQA 8
 ]
 
 
