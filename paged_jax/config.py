@@ -77,9 +77,12 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
-    """Check ``value`` against the field's type (int accepted for float), naming the key."""
-    hint = typing.get_type_hints(EngineConfig)[name]
+def coerce_field(cls: type, name: str, value: Any, where: str) -> Any:
+    """``value`` checked against dataclass ``cls``'s field type, naming the key on error.
+
+    An int is accepted for a float field and a list of str for a tuple field.
+    """
+    hint = typing.get_type_hints(cls)[name]
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None
@@ -90,7 +93,11 @@ def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
             return value
         if t in (str, bool) and isinstance(value, t):
             return value
-    raise ValueError(f"{source}: {name}={value!r} must be of type {annotation}")
+        if typing.get_origin(t) is tuple and isinstance(value, list | tuple):
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                break
+            return tuple(value)
+    raise ValueError(f"{where}: {name}={value!r} must be of type {hint}".replace("typing.", ""))
 
 
 def from_dict(values: dict[str, Any], *, source: str = "config") -> EngineConfig:
@@ -98,11 +105,21 @@ def from_dict(values: dict[str, Any], *, source: str = "config") -> EngineConfig
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"{source}: unknown config key(s) {unknown}; known: {sorted(fields)}")
-    coerced = {k: _coerce(k, v, fields[k].type, source) for k, v in values.items()}
+    coerced = {k: coerce_field(EngineConfig, k, v, source) for k, v in values.items()}
     return EngineConfig(**coerced)
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def merge_mappings(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``; nested mappings merge key by key."""
+    out = dict(base)
+    for k, v in child.items():
+        nested = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = merge_mappings(out[k], v) if nested else v
+    return out
+
+
+def read_yaml_chain(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A yaml file merged over its ``base_config`` chain; keys set twice in a file are errors."""
     path = path.resolve()
     if path in chain:
         raise ValueError(f"base_config cycle: {' -> '.join(map(str, chain + (path,)))}")
@@ -117,7 +134,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("base_config", None)
     if base is None:
         return data
-    return {**_read_yaml(path.parent / base, chain + (path,)), **data}
+    return merge_mappings(read_yaml_chain(path.parent / base, chain + (path,)), data)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -139,7 +156,7 @@ def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | None = None, **kwargs: Any
 ) -> EngineConfig:
     """yaml file (with its base_config chain), then ``key=value`` overrides, then kwargs."""
-    values = _read_yaml(Path(path)) if path is not None else {}
+    values = read_yaml_chain(Path(path)) if path is not None else {}
     values.update(parse_overrides(overrides or []))
     values.update(kwargs)
     return from_dict(values, source=str(path) if path else "config")

@@ -13,12 +13,10 @@ Data paths are relative to the working directory; ``bundled:<file>`` names a fil
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from pathlib import Path
 from typing import Any, ClassVar
 
-from paged_jax.config import EngineConfig
+from paged_jax.config import EngineConfig, coerce_field
 from paged_jax.config import from_dict as engine_from_dict
 
 BUNDLED_PREFIX = "bundled:"
@@ -140,26 +138,6 @@ def resolve_path(path: str) -> Path:
 # ------------------------------------------------------------------ building and checking
 
 
-def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
-    """``value`` checked against the field's type (int accepted for float, list for tuple)."""
-    hint = typing.get_type_hints(cls)[name]
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None and type(None) in allowed:
-        return None
-    for t in allowed:
-        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if t in (str, bool) and isinstance(value, t):
-            return value
-        if typing.get_origin(t) is tuple and isinstance(value, list | tuple):
-            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-                break
-            return tuple(value)
-    raise ValueError(f"{where}: {name}={value!r} must be of type {hint}".replace("typing.", ""))
-
-
 def _build(cls: type, values: Any, source: str, prefix: str) -> Any:
     """``cls(**values)`` with every error naming ``source`` and the dotted key."""
     if not isinstance(values, dict):
@@ -169,7 +147,7 @@ def _build(cls: type, values: Any, source: str, prefix: str) -> Any:
     if unknown:
         keys = ", ".join(f"{prefix}.{k}" for k in unknown)
         raise ValueError(f"{source}: unknown key(s) {keys}; {prefix} knows {fields}")
-    coerced = {k: _coerce(cls, k, v, f"{source}: {prefix}") for k, v in values.items()}
+    coerced = {k: coerce_field(cls, k, v, f"{source}: {prefix}") for k, v in values.items()}
     try:
         return cls(**coerced)
     except ValueError as e:
@@ -201,7 +179,7 @@ def from_dict(values: dict[str, Any], *, source: str = "config") -> EvalConfig:
     engine_cfg = engine_from_dict({**engine, "model": model}, source=f"{source}: engine")
     for key in ("name", "model", "output"):
         if key in values:
-            values[key] = _coerce(EvalConfig, key, values[key], source)
+            values[key] = coerce_field(EvalConfig, key, values[key], source)
     try:
         return EvalConfig(**values, engine=engine_cfg, tasks=tasks)
     except ValueError as e:

@@ -18,41 +18,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from paged_jax.config import _UniqueKeyLoader, parse_overrides
+from paged_jax.config import merge_mappings, parse_overrides, read_yaml_chain
 from paged_jax.eval.config import TASK_TYPES, EvalConfig, from_dict
 
 # ------------------------------------------------------------------ yaml
 
 
-def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in child.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A yaml file merged over its ``base_config`` chain (mappings merge key by key)."""
-    path = path.resolve()
-    if path in chain:
-        raise ValueError(f"base_config cycle: {' -> '.join(map(str, chain + (path,)))}")
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid yaml: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: an eval config must be a mapping")
-    base = data.pop("base_config", None)
-    return data if base is None else _merge(read_yaml(path.parent / base, chain + (path,)), data)
-
-
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``a.b.c=value`` sets values["a"]["b"]["c"] (value parsed as a yaml scalar)."""
-    out = _merge({}, values)
+    out = merge_mappings({}, values)
     for dotted, value in parse_overrides(overrides).items():
         node, parts = out, dotted.split(".")
         for i, part in enumerate(parts[:-1]):
@@ -65,7 +39,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def load_yaml(path: str | os.PathLike, overrides: list[str] | None = None) -> EvalConfig:
-    values = apply_overrides(read_yaml(Path(path)), overrides or [])
+    values = apply_overrides(read_yaml_chain(Path(path)), overrides or [])
     return from_dict(values, source=str(path))
 
 
