@@ -11,13 +11,21 @@ and results.md to --out.
 Effective bandwidth = K+V bytes the case must read / time; ratio = that / copy bandwidth.
 Prefill cases also report attention TFLOP/s; their cuDNN baseline is non-causal attention of
 the chunk over the whole context (it cannot place a causal diagonal at the chunk's offset),
-which does 4-12% more work than the causal chunk here.
+which does 4-12% more work than the causal chunk here. The same goes for JAX's dense Pallas
+Triton flash attention (`ops.gpu.attention.mha`, K/V repeated to every q head): the ceiling of
+the Triton backend on this card, not a paged kernel.
+
+Variants: `--variant decode:decode_stages=3,decode_kv_tokens=64` times our kernel with those
+GpuBlockSizes fields on the decode cases (`prefill:` on prefill cases, `all:` on both);
+`--prev FILE` also times another version of gpu.py (e.g. the last commit's) as `prev`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import statistics
@@ -86,24 +94,47 @@ def dense_from_pages(k_pages, tables, batch: int, ctx: int):
     return k.reshape(HKV, batch, ctx, D).transpose(1, 2, 0, 3)
 
 
-def config_name(c: gpu.GpuBlockSizes) -> str:
-    return (
-        f"ours[d{c.decode_kv_tokens}/{c.decode_stages}/{c.decode_warps},t{c.target_programs},"
-        f"p{c.prefill_kv_tokens}/{c.prefill_stages}/{c.prefill_warps},m{c.prefill_rows}]"
-    )
-
-
+# --sweep: the variants that decided the defaults (docs/kernels.md).
 SWEEP = [
-    gpu.GpuBlockSizes(decode_kv_tokens=64, decode_stages=3, prefill_kv_tokens=128,
-                      prefill_stages=3, prefill_warps=8, prefill_rows=128),
-    gpu.GpuBlockSizes(decode_warps=8, decode_stages=3, target_programs=512,
-                      prefill_kv_tokens=64, prefill_stages=3, prefill_warps=4),
-]  # fmt: skip
+    "decode:decode_stages=3",
+    "decode:decode_kv_tokens=64,decode_stages=3",
+    "decode:prefetch_pages=False",
+    "prefill:prefill_stages=3",
+    "prefill:prefill_rows=128,prefill_warps=8,prefill_stages=3",
+    "prefill:prefill_rows=128,prefill_warps=4,prefill_stages=3",
+    "prefill:prefill_kv_tokens=128,prefill_stages=3",
+    "prefill:split_masks=False,prefill_stages=3",
+    "prefill:prefetch_pages=False,prefill_stages=3",
+]
+
+
+def parse_variant(text: str) -> tuple[str, gpu.GpuBlockSizes]:
+    """'decode:k=v,k=v' -> (case kind or 'all', GpuBlockSizes with those fields)."""
+    kind, _, fields = text.partition(":")
+    if kind not in ("decode", "prefill", "all"):
+        raise ValueError(f"{text=} must start with decode:, prefill: or all:")
+    types = {f.name: f.type for f in dataclasses.fields(gpu.GpuBlockSizes)}
+    kw = {}
+    for item in filter(None, fields.split(",")):
+        key, _, value = item.partition("=")
+        if key not in types:
+            raise ValueError(f"{key=} is not a GpuBlockSizes field")
+        kw[key] = value == "True" if types[key] in (bool, "bool") else int(value)
+    return kind, gpu.GpuBlockSizes(**kw)
+
+
+def load_prev(path: Path):
+    spec = importlib.util.spec_from_file_location("gpu_prev", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_prev"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_case(
-    kind: str, batch: int, q_len: int, ctx: int, copy_bw: float, reps: int, rng, sweep: bool
-):
+    kind: str, batch: int, q_len: int, ctx: int, copy_bw: float, reps: int, rng,
+    variants: list[str], prev,
+):  # fmt: skip
     q, k_pages, v_pages, kv_lens, tables, cu, num_seqs = paged_inputs(rng, batch, q_len, ctx)
     sm_scale = 1.0 / math.sqrt(D)
     kv_bytes = 2 * batch * ctx * HKV * D * jnp.dtype(DTYPE).itemsize
@@ -117,14 +148,20 @@ def run_case(
         ),
     }
     impl_args = {"ours": args, "xla_reference": args}
-    if sweep:  # the same version timed twice: the spread is the noise floor
+    if variants:  # the same version timed twice: the spread is the noise floor
         impls["ours_again"] = impls["ours"]
         impl_args["ours_again"] = args
-    for cfg in SWEEP if sweep else []:
-        impls[config_name(cfg)] = jax.jit(
-            functools.partial(gpu.ragged_paged_attention, sm_scale=sm_scale, block_sizes=cfg)
-        )
-        impl_args[config_name(cfg)] = args
+    if prev is not None:
+        impls["prev"] = jax.jit(lambda *a: prev.ragged_paged_attention(*a, sm_scale=sm_scale))
+        impl_args["prev"] = args
+    for text in variants:
+        variant_kind, cfg = parse_variant(text)
+        if variant_kind in (kind, "all"):
+            name = f"ours[{text.partition(':')[2]}]"
+            impls[name] = jax.jit(
+                functools.partial(gpu.ragged_paged_attention, sm_scale=sm_scale, block_sizes=cfg)
+            )
+            impl_args[name] = args
     if kind == "decode":
         try:
             from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
@@ -144,6 +181,24 @@ def run_case(
         )
     )
     impl_args["cudnn_dense"] = (q_dense, k_dense, v_dense)
+    if kind == "prefill":
+        try:
+            from jax.experimental.pallas.ops.gpu import attention as jax_mha
+
+            k_rep = jnp.repeat(k_dense, HQ // HKV, axis=2)  # [B, ctx, Hq, D]
+            v_rep = jnp.repeat(v_dense, HQ // HKV, axis=2)
+            for bq, bk, stages in ((128, 128, 2), (128, 64, 3)):
+                sizes = jax_mha.BlockSizes(block_q=bq, block_k=bk)
+                name = f"jax_pallas_mha[{bq}x{bk},s{stages}]"
+                impls[name] = jax.jit(
+                    functools.partial(
+                        jax_mha.mha, segment_ids=None, sm_scale=sm_scale,
+                        block_sizes=sizes, num_stages=stages,
+                    )
+                )  # fmt: skip
+                impl_args[name] = (q_dense, k_rep, v_rep)
+        except ImportError as e:
+            print(f"# jax pallas mha unavailable: {e}", file=sys.stderr)
 
     ref_out = None
     rows = []
@@ -151,7 +206,7 @@ def run_case(
         try:
             out = jax.block_until_ready(fn(*impl_args[name]))
             err = None
-            if name.startswith("ours") or name == "xla_reference":
+            if name.startswith(("ours", "prev")) or name == "xla_reference":
                 flat = np.asarray(out.astype(jnp.float32))
                 if ref_out is None:
                     ref_out = flat
@@ -197,8 +252,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--only", choices=["decode", "prefill"], default=None)
-    parser.add_argument("--sweep", action="store_true", help="also time tile-size variants")
+    parser.add_argument("--sweep", action="store_true", help="also time the SWEEP variants")
+    parser.add_argument("--variant", action="append", default=[], help="kind:field=value,...")
+    parser.add_argument("--prev", type=Path, default=None, help="another gpu.py to time")
     args = parser.parse_args()
+    variants = (SWEEP if args.sweep else []) + args.variant
+    for text in variants:
+        parse_variant(text)  # fail before any device work
+    prev = load_prev(args.prev) if args.prev else None
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     print(f"# {jax.devices()[0].device_kind} jax {jax.__version__}", flush=True)
@@ -207,10 +268,10 @@ def main() -> None:
     rows = []
     if args.only in (None, "decode"):
         for batch, ctx in DECODE:
-            rows += run_case("decode", batch, 1, ctx, copy_bw, args.reps, rng, args.sweep)
+            rows += run_case("decode", batch, 1, ctx, copy_bw, args.reps, rng, variants, prev)
     if args.only in (None, "prefill"):
         for batch, q_len, ctx in PREFILL:
-            rows += run_case("prefill", batch, q_len, ctx, copy_bw, args.reps, rng, args.sweep)
+            rows += run_case("prefill", batch, q_len, ctx, copy_bw, args.reps, rng, variants, prev)
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, copy_tbps=copy_bw / 1e12)
     (args.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     (args.out / "results.md").write_text(markdown(rows, copy_bw))

@@ -6,6 +6,8 @@ CPU cases run the kernel with `interpret=True` and stay small (each costs second
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -56,6 +58,26 @@ def test_interpret_split_context() -> None:
     _check(spec, interpret=True, block_sizes=sizes)
 
 
+# Tiny tiles: many q tiles per chunk and kv blocks per tile, so unmasked blocks, diagonal and
+# tail blocks, sliding-window edges and zero tiles over many padding rows all occur.
+SMALL_TILES = gpu.GpuBlockSizes(prefill_rows=16, prefill_kv_tokens=16, decode_kv_tokens=16)
+SMALL_TILE_SIZES = {
+    "split": SMALL_TILES,
+    "plain": dataclasses.replace(SMALL_TILES, split_masks=False, prefetch_pages=False),
+    "splits4": dataclasses.replace(SMALL_TILES, target_programs=64, small_batch_programs=0),
+}
+
+
+@pytest.mark.parametrize("window", [None, 19])
+@pytest.mark.parametrize("name", list(SMALL_TILE_SIZES))
+def test_interpret_small_tiles(name: str, window: int | None) -> None:
+    spec = mixed_spec(
+        8, 4, 2, 64, "float32", pages_per_seq=6, seed=10, sliding_window=window,
+        num_padding_rows=37,
+    )  # fmt: skip
+    _check(spec, interpret=True, block_sizes=SMALL_TILE_SIZES[name])
+
+
 def test_rejects_non_power_of_two_page_size() -> None:
     case = make_case(decode_spec(12, 4, 2, 64, "float32"))
     with pytest.raises(ValueError, match="page_size"):
@@ -85,6 +107,27 @@ def test_gpu_options(spec: CaseSpec) -> None:
 def test_gpu_long_and_wide(num_seqs: int, pages_per_seq: int) -> None:
     _check(decode_spec(16, 32, 8, 128, "bfloat16", num_seqs=num_seqs, pages_per_seq=pages_per_seq))
     _check(mixed_spec(16, 32, 8, 128, "bfloat16", pages_per_seq=pages_per_seq, seed=1))
+
+
+# The tile variants bench_kernel.py times (docs/kernels.md), on the real compiler.
+GPU_VARIANTS = [
+    gpu.GpuBlockSizes(decode_stages=3, prefill_stages=3),
+    gpu.GpuBlockSizes(decode_kv_tokens=64, prefill_rows=128, prefill_warps=8, prefill_stages=3),
+    gpu.GpuBlockSizes(prefill_kv_tokens=128, prefill_rows=128, prefill_warps=4),
+    gpu.GpuBlockSizes(split_masks=False, prefetch_pages=False),
+]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("sizes", GPU_VARIANTS, ids=range(len(GPU_VARIANTS)))
+def test_gpu_variants(sizes: gpu.GpuBlockSizes) -> None:
+    for window in (None, 40):
+        spec = mixed_spec(16, 32, 8, 128, "bfloat16", pages_per_seq=24, sliding_window=window)
+        _check(spec, block_sizes=sizes)
+    _check(
+        decode_spec(16, 32, 8, 128, "bfloat16", num_seqs=40, pages_per_seq=24), block_sizes=sizes
+    )
 
 
 @pytest.mark.parametrize(

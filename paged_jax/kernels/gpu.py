@@ -4,17 +4,21 @@ Two launches share one kernel body, each specialised by static tile sizes:
 
 - decode grid (S, Hkv, num_splits): one program per (sequence with q_len 1, kv head, kv split).
   All q heads of the kv head's group form the rows of one matmul (padded to 16 for the tensor
-  cores). The context is split over `num_splits` programs so that short batches still fill the
-  GPU; partial (acc, max, sum) are merged by a small XLA combine. Metadata is read in-kernel
-  (no preparatory XLA ops), so a decode step costs one kernel plus one small fusion.
-- prefill grid (num_tiles, Hkv): one program per tile of `block_q` q rows of one sequence with
-  q_len > 1 (a chunk), rows x group heads as matmul rows, causal mask on absolute positions.
-  The tile -> (sequence, tile index) table is built by a few tiny jnp ops.
+  cores). With one split the program writes its normalised rows straight into the output; with
+  more, partial (acc, max, sum) go to a small XLA merge that also places the rows.
+- prefill grid (num_tiles, Hkv): one program per tile of `tokens` q rows of one sequence with
+  q_len > 1 (a chunk), rows x group heads as matmul rows. Each program finds its tile from
+  cu_q_lens in-kernel (a cumsum over sequences); programs past the last chunk tile write zeros
+  over the padding rows. It updates the decode grid's output in place (aliased), so a
+  decode-only step is two launches and no XLA ops.
 
-K/V are read straight from the page arrays through the page table (pointer gathers, one page
-id per kv token); loads are masked past each sequence's length, so freed pages (garbage, NaN)
-are never read. Each loop step covers `pages_per_block` pages. Online softmax is in f32; P is
-cast to the K/V dtype for the PV matmul. Rows past cu_q_lens[num_seqs] come back as 0.
+K/V are read straight from the page arrays: per loop step the `pages_per_block` page ids are
+scalar loads and every kv row's address is `(page * page_size + offset) * D + lane`. Loop steps
+are split three ways: blocks every row of the tile sees in full run without any mask (no load
+masks, no -inf select); only the blocks on the causal diagonal, at the context's tail or at a
+sliding window's edge are masked. Masked loads never touch memory past a sequence's length, so
+freed pages (garbage, NaN) are never read. Online softmax is in f32 in the log2 domain; P is cast
+to the K/V dtype for the PV matmul. Rows past cu_q_lens[num_seqs] come back as 0.
 
 Why Triton lowering and not Mosaic GPU: the Triton lowering runs under `interpret=True` on CPU
 on jax 0.10.2 and 0.11.2 alike (our CI has no GPU), its pointer gathers express page-table
@@ -36,6 +40,7 @@ from paged_jax.kernels.common import AttentionShape, check_attention_args
 
 _MASKED = -1e30  # running-max floor: finite, so exp(m_old - m_new) never sees inf - inf
 _LOG2E = 1.4426950408889634
+_MAX_SCALAR_PAGES = 16  # more pages per loop step than this: one vector load of page ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,8 @@ class GpuBlockSizes:
     prefill_rows: int = 64  # matmul rows (q tokens x group heads) of a prefill tile
     prefill_warps: int = 4
     prefill_stages: int = 2
+    split_masks: bool = True  # unmasked loop over fully visible blocks, masked loop for the rest
+    prefetch_pages: bool = True  # load the next block's page ids one loop step ahead
 
 
 DEFAULT_BLOCK_SIZES = GpuBlockSizes()
@@ -64,6 +71,11 @@ DEFAULT_BLOCK_SIZES = GpuBlockSizes()
 
 def _pow2_ceil(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _log2(n: int) -> int:
+    assert n > 0 and n & (n - 1) == 0, n
+    return n.bit_length() - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +89,41 @@ class _Tile:
     tokens: int  # q tokens per tile (decode: only the first is live)
     pages_per_block: int
     page_size: int
+    num_pages: int  # P
+    num_q_heads: int  # Hq
     num_splits: int
     sm_scale: float
     sliding_window: int | None
     soft_cap: float | None
+    split_masks: bool
+    prefetch_pages: bool
+    spare: bool  # interpret mode: masked rows store into spare rows past T * Hq
+
+    @property
+    def block_kv(self) -> int:
+        return self.pages_per_block * self.page_size
+
+
+def _tile_of_program(t: _Tile, item, cu_q_lens_ref, num_seqs_ref, num_tokens: int):
+    """Prefill: (sequence, tile index, used) of program `item`; zero tiles follow used ones."""
+    max_num_seqs = cu_q_lens_ref.shape[0] - 1
+    i = lax.broadcasted_iota(jnp.int32, (_pow2_ceil(max_num_seqs),), 0)  # i32[S']
+    ok = i < max_num_seqs
+    starts = plgpu.load(cu_q_lens_ref.at[jnp.minimum(i, max_num_seqs)], mask=ok, other=0)
+    ends = plgpu.load(cu_q_lens_ref.at[jnp.minimum(i + 1, max_num_seqs)], mask=ok, other=0)
+    q_lens = ends - starts  # i32[S']
+    chunk = ok & (i < num_seqs_ref[0]) & (q_lens > 1)
+    tiles = jnp.where(chunk, lax.shift_right_logical(q_lens + t.tokens - 1, _log2(t.tokens)), 0)
+    cum = jnp.cumsum(tiles)  # i32[S'] inclusive: tiles of sequences 0..i
+    before = cum <= item
+    seq = jnp.sum(before.astype(jnp.int32))
+    tile = item - jnp.max(jnp.where(before, cum, 0))
+    used = item < jnp.sum(tiles)
+    # Zero tile u covers padding rows pad_start + u * tokens + [0, tokens).
+    pad_start = cu_q_lens_ref[jnp.minimum(num_seqs_ref[0], max_num_seqs)]
+    zero_first = pad_start + (item - jnp.sum(tiles)) * t.tokens
+    zero_rows = jnp.clip(num_tokens - zero_first, 0, t.tokens)
+    return seq, tile, used, zero_first, zero_rows
 
 
 def _kernel(
@@ -88,94 +131,117 @@ def _kernel(
     cu_q_lens_ref,  # i32[S+1]
     num_seqs_ref,  # i32[1]
     page_tables_ref,  # i32[S, pages_per_seq]
-    tile_seq_ref,  # i32[num_tiles] (prefill) / i32[1] unused (decode)
-    tile_idx_ref,  # i32[num_tiles] (prefill) / i32[1] unused (decode)
-    q_ref,  # [T, Hq, D]
-    k_pages_ref,  # [Hkv, P, page_size, D]
-    v_pages_ref,  # [Hkv, P, page_size, D]
-    *out_refs,  # decode: o f32[splits, S, Hq+1, D], m/l f32[splits, S, Hq+1]; prefill: [T+1, Hq, D]
+    q_ref,  # [T * Hq, D]
+    k_ref,  # [Hkv * P * page_size, D]: the page array, flattened to kv rows
+    v_ref,  # [Hkv * P * page_size, D]
+    *out_refs,  # see ragged_paged_attention: decode partials or the [R, D] output
     t: _Tile,
 ):
     item, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_tokens, _, head_dim = q_ref.shape
+    head_dim = q_ref.shape[1]
+    num_tokens = q_ref.shape[0] // t.num_q_heads
     max_num_seqs, pages_per_seq = page_tables_ref.shape
-    block_kv = t.pages_per_block * t.page_size
+    block_kv, ps = t.block_kv, t.page_size
 
     if t.decode:
-        seq = item
-        tile = 0
+        seq, tile = item, 0
     else:
-        seq = tile_seq_ref[item]  # -1 for unused tiles
-        tile = tile_idx_ref[item]
+        seq, tile, used, zero_first, zero_rows = _tile_of_program(
+            t, item, cu_q_lens_ref, num_seqs_ref, num_tokens
+        )
     seq_c = jnp.clip(seq, 0, max_num_seqs - 1)
     q_start = cu_q_lens_ref[seq_c]
     q_len = cu_q_lens_ref[seq_c + 1] - q_start
     kv_len = kv_lens_ref[seq_c]
-    live = (seq >= 0) & (seq < num_seqs_ref[0])
     if t.decode:
-        live &= q_len == 1
+        live = (seq < num_seqs_ref[0]) & (q_len == 1)
         num_rows = jnp.where(live, q_len, 0)  # q_len == 1 when live
+        store_first, store_rows = q_start, num_rows
     else:
-        num_rows = jnp.where(live, jnp.minimum(t.tokens, q_len - tile * t.tokens), 0)
+        num_rows = jnp.where(used, jnp.minimum(t.tokens, q_len - tile * t.tokens), 0)
+        store_first = jnp.where(used, q_start + tile * t.tokens, zero_first)
+        store_rows = jnp.where(used, num_rows, zero_rows)
     first_pos = kv_len - q_len + tile * t.tokens  # absolute position of the tile's first row
 
     r = lax.broadcasted_iota(jnp.int32, (t.rows,), 0)
-    tok, g = r // t.group_pad, r % t.group_pad  # i32[M] each
-    row_ok = (tok < num_rows) & (g < t.group)  # bool[M]
-    tok_idx = jnp.clip(q_start + tile * t.tokens + tok, 0, num_tokens - 1)  # i32[M]
+    tok = lax.shift_right_logical(r, _log2(t.group_pad))  # i32[M]
+    g = r & (t.group_pad - 1)  # i32[M]
     head_idx = h * t.group + jnp.minimum(g, t.group - 1)  # i32[M]
+    row_ok = (tok < num_rows) & (g < t.group)  # bool[M]
+    q_row = jnp.clip(q_start + tile * t.tokens + tok, 0, num_tokens - 1) * t.num_q_heads
     lanes = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)  # i32[1, D]
     # Gathers index every dim with an int array (the CPU interpreter needs that form).
     row_mask = jnp.broadcast_to(row_ok[:, None], (t.rows, head_dim))
-    q = plgpu.load(
-        q_ref.at[tok_idx[:, None], head_idx[:, None], lanes], mask=row_mask, other=0
-    )  # [M, D]
+    q = plgpu.load(q_ref.at[(q_row + head_idx)[:, None], lanes], mask=row_mask, other=0)  # [M, D]
     pos = first_pos + tok  # i32[M]
 
     kv_hi = jnp.where(num_rows > 0, first_pos + num_rows, 0)  # kv tokens the tile needs
-    if t.sliding_window is None:
-        kv_lo = 0
-    else:
-        kv_lo = jnp.maximum(first_pos - t.sliding_window + 1, 0)
-    page_lo = kv_lo // t.page_size
-    page_hi = (kv_hi + t.page_size - 1) // t.page_size
+    kv_lo = 0 if t.sliding_window is None else jnp.maximum(first_pos - t.sliding_window + 1, 0)
+    page_lo = lax.shift_right_logical(kv_lo, _log2(ps))
+    page_hi = lax.shift_right_logical(kv_hi + ps - 1, _log2(ps))
     num_blocks = jnp.maximum(page_hi - page_lo + t.pages_per_block - 1, 0) // t.pages_per_block
     blocks_per_split = (num_blocks + t.num_splits - 1) // t.num_splits
     block_lo = split * blocks_per_split
     block_hi = jnp.minimum(num_blocks, block_lo + blocks_per_split)
 
+    slot = lax.broadcasted_iota(jnp.int32, (block_kv,), 0)  # i32[BK]
+    slot_page = lax.shift_right_logical(slot, _log2(ps))  # i32[BK]: page of each slot in a block
+    kv_head_row = h * (t.num_pages * ps)  # first kv row of this head in the flattened pages
     # f32 inputs: full-precision dots (the default would be tf32).
     precision = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
+    scale = t.sm_scale * _LOG2E  # logits to the log2 domain (exp2 is the native instruction)
 
-    def body(j, carry):
-        m, l, acc = carry  # f32[M], f32[M], f32[M, D]
-        first_token = (page_lo + j * t.pages_per_block) * t.page_size
-        kv_pos = first_token + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)  # i32[BK]
-        slot_ok = kv_pos < jnp.minimum(kv_hi, kv_len)  # bool[BK]
-        page_col = jnp.minimum(kv_pos // t.page_size, pages_per_seq - 1)
-        page_ids = plgpu.load(page_tables_ref.at[seq_c, page_col], mask=slot_ok, other=0)
-        offsets = kv_pos % t.page_size  # i32[BK]
-        kv_mask = jnp.broadcast_to(slot_ok[:, None], (block_kv, head_dim))
-        kv_idx = (h, page_ids[:, None], offsets[:, None], lanes)
-        k = plgpu.load(k_pages_ref.at[kv_idx], mask=kv_mask, other=0)  # [BK, D]
-        v = plgpu.load(v_pages_ref.at[kv_idx], mask=kv_mask, other=0)  # [BK, D]
-        s = lax.dot_general(
-            q,
-            k,
-            (((1,), (1,)), ((), ())),
-            precision=precision,
-            preferred_element_type=jnp.float32,
-        )  # f32[M, BK]; log2 domain below (exp2 is the native instruction)
-        if t.soft_cap is None:
-            s = s * (t.sm_scale * _LOG2E)
+    def page_ids(j):
+        """i32[BK]: page id of each slot of block j (columns clipped to the table)."""
+        first_page = page_lo + j * t.pages_per_block
+        if t.pages_per_block > _MAX_SCALAR_PAGES:
+            cols = jnp.minimum(first_page + slot_page, pages_per_seq - 1)
+            return plgpu.load(page_tables_ref.at[seq_c, cols])
+        ids = None  # scalar loads, then a select per slot
+        for i in range(t.pages_per_block):
+            pid = page_tables_ref[seq_c, jnp.minimum(first_page + i, pages_per_seq - 1)]
+            ids = (
+                jnp.broadcast_to(pid, (block_kv,))
+                if i == 0
+                else jnp.where(slot_page == i, pid, ids)
+            )
+        return ids
+
+    def body(j, carry, masked):
+        m, l, acc, ids = carry  # f32[M], f32[M], f32[M, D], i32[BK] (prefetch) or None
+        if t.prefetch_pages:  # this block's ids came from the last step; fetch the next's
+            ids, next_ids = ids, page_ids(j + 1)
         else:
+            ids, next_ids = page_ids(j), None
+        kv_pos = (page_lo + j * t.pages_per_block) * ps + slot  # i32[BK]
+        rows = kv_head_row + ids * ps + (slot & (ps - 1))  # i32[BK]: flattened kv rows
+        if masked:
+            slot_ok = kv_pos < jnp.minimum(kv_hi, kv_len)  # bool[BK]
+            rows = jnp.where(slot_ok, rows, 0)
+        rows = rows[:, None]  # i32[BK, 1]
+        if masked:
+            kv_mask = jnp.broadcast_to(slot_ok[:, None], (block_kv, head_dim))
+            k = plgpu.load(k_ref.at[rows, lanes], mask=kv_mask, other=0)  # [BK, D]
+            v = plgpu.load(v_ref.at[rows, lanes], mask=kv_mask, other=0)  # [BK, D]
+        else:
+            k = plgpu.load(k_ref.at[rows, lanes])
+            v = plgpu.load(v_ref.at[rows, lanes])
+        s = lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )  # f32[M, BK]
+        if t.soft_cap is not None:
             s = (t.soft_cap * _LOG2E) * jnp.tanh(s * (t.sm_scale / t.soft_cap))
-        mask = slot_ok[None, :] & (kv_pos[None, :] <= pos[:, None])  # bool[M, BK]
-        if t.sliding_window is not None:
-            mask &= kv_pos[None, :] > pos[:, None] - t.sliding_window
-        s = jnp.where(mask, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp2(s - m_new[:, None])  # exactly 0 where masked
+        if masked:
+            mask = slot_ok[None, :] & (kv_pos[None, :] <= pos[:, None])  # bool[M, BK]
+            if t.sliding_window is not None:
+                mask &= kv_pos[None, :] > pos[:, None] - t.sliding_window
+            s = jnp.where(mask, s, -jnp.inf)
+        if t.soft_cap is None:  # scale inside exp2's argument: one fused multiply-add
+            m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
+            p = jnp.exp2(s * scale - m_new[:, None])  # exactly 0 where masked
+        else:
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            p = jnp.exp2(s - m_new[:, None])
         alpha = jnp.exp2(m - m_new)
         l = alpha * l + jnp.sum(p, axis=1)
         pv = lax.dot_general(
@@ -185,29 +251,56 @@ def _kernel(
             precision=precision,
             preferred_element_type=jnp.float32,
         )  # f32[M, D]
-        return m_new, l, acc * alpha[:, None] + pv
+        return m_new, l, acc * alpha[:, None] + pv, next_ids
 
-    m0 = jnp.full((t.rows,), _MASKED, jnp.float32)
-    l0 = jnp.zeros((t.rows,), jnp.float32)
-    acc0 = jnp.zeros((t.rows, head_dim), jnp.float32)
-    m, l, acc = lax.fori_loop(block_lo, block_hi, body, (m0, l0, acc0))
+    def loop(lo, hi, masked, carry):
+        ids = page_ids(lo) if t.prefetch_pages else None
+        m, l, acc, _ = lax.fori_loop(lo, hi, functools.partial(body, masked=masked), (*carry, ids))
+        return m, l, acc
 
-    # Masked-off rows point at a spare trailing row of the output: a GPU masked store skips
-    # them, and the interpreter (which writes them back unchanged) sees no duplicate index.
-    if t.decode:
+    carry = (
+        jnp.full((t.rows,), _MASKED, jnp.float32),
+        jnp.zeros((t.rows,), jnp.float32),
+        jnp.zeros((t.rows, head_dim), jnp.float32),
+    )
+    if t.split_masks:
+        # Blocks [full_lo, full_hi) are seen in full by every row: kv < first_pos + 1 (causal),
+        # and kv > last_pos - window (sliding window). The rest go through the masked body.
+        base = page_lo * ps
+        full_hi = lax.div(jnp.maximum(first_pos + 1 - base, 0), block_kv)
+        full_lo = 0
+        if t.sliding_window is not None:
+            last_pos = first_pos + num_rows - 1
+            lo_tok = jnp.maximum(last_pos - t.sliding_window + 1 - base, 0)
+            full_lo = lax.div(lo_tok + block_kv - 1, block_kv)
+        a = jnp.clip(full_lo, block_lo, block_hi)
+        b = jnp.clip(full_hi, a, block_hi)
+        if t.sliding_window is not None:
+            carry = loop(block_lo, a, True, carry)
+        carry = loop(a, b, False, carry)
+        carry = loop(b, block_hi, True, carry)
+    else:
+        carry = loop(block_lo, block_hi, True, carry)
+    m, l, acc = carry
+
+    if t.decode and t.num_splits > 1:
+        # Masked-off rows point at a spare trailing head: a GPU masked store skips them, and
+        # the interpreter (which writes them back unchanged) sees no duplicate index.
         o_ref, m_ref, l_ref = out_refs
-        spare = o_ref.shape[2] - 1
-        head_st = jnp.where(row_ok, head_idx, spare)  # i32[M]
+        head_st = jnp.where(row_ok, head_idx, o_ref.shape[2] - 1)  # i32[M]
         # Every live sequence's program writes (empty splits too: m = floor, l = 0).
         plgpu.store(o_ref.at[split, seq_c, head_st[:, None], lanes], acc, mask=row_mask)
         plgpu.store(m_ref.at[split, seq_c, head_st], m, mask=row_ok)
         plgpu.store(l_ref.at[split, seq_c, head_st], l, mask=row_ok)
-    else:
-        (o_ref,) = out_refs
-        out = acc / jnp.maximum(l, 1e-30)[:, None]
-        tok_st = jnp.where(row_ok, tok_idx, o_ref.shape[0] - 1)  # i32[M]
-        o_idx = (tok_st[:, None], head_idx[:, None], lanes)
-        plgpu.store(o_ref.at[o_idx], out.astype(o_ref.dtype), mask=row_mask)
+        return
+    o_ref = out_refs[-1]  # prefill: out_refs[0] is the aliased input, the same buffer
+    out = acc / jnp.maximum(l, 1e-30)[:, None]  # zero tiles: acc = 0, out = 0
+    st_ok = (tok < store_rows) & (g < t.group)  # bool[M]
+    st_row = jnp.clip(store_first + tok, 0, num_tokens - 1) * t.num_q_heads + head_idx
+    if t.spare:
+        st_row = jnp.where(st_ok, st_row, num_tokens * t.num_q_heads + r)
+    st_mask = jnp.broadcast_to(st_ok[:, None], (t.rows, head_dim))
+    plgpu.store(o_ref.at[st_row[:, None], lanes], out.astype(o_ref.dtype), mask=st_mask)
 
 
 def _num_splits(shape: AttentionShape, pages_per_block: int, target: int, max_splits: int) -> int:
@@ -219,32 +312,13 @@ def _num_splits(shape: AttentionShape, pages_per_block: int, target: int, max_sp
     return max(1, min(splits, blocks))
 
 
-def _prefill_tiles(
-    cu_q_lens: jax.Array, num_seqs: jax.Array, tokens: int, num_tiles: int
-) -> tuple[jax.Array, jax.Array]:
-    """Tile table of the prefill grid: sequence (-1 if unused) and tile index per program."""
-    # cu_q_lens: i32[S+1]; num_seqs: i32[1]
-    max_num_seqs = cu_q_lens.shape[0] - 1
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]  # i32[S]
-    chunk = (jnp.arange(max_num_seqs) < num_seqs[0]) & (q_lens > 1)
-    tiles = jnp.where(chunk, (q_lens + tokens - 1) // tokens, 0)  # i32[S]
-    ends = jnp.cumsum(tiles)  # i32[S]
-    items = jnp.arange(num_tiles, dtype=jnp.int32)  # i32[num_tiles]
-    seq = jnp.sum(items[:, None] >= ends[None, :], axis=1, dtype=jnp.int32)
-    seq_c = jnp.minimum(seq, max_num_seqs - 1)
-    tile = items - (ends[seq_c] - tiles[seq_c])
-    return jnp.where(items < ends[-1], seq_c, -1), tile
-
-
-def _rows_to_seqs(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int):
-    """Per q row: its sequence, whether it is a decode row (q_len 1), whether it is live."""
+def _row_seqs(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int) -> jax.Array:
+    """i32[T]: the (live) sequence each q row belongs to, clipped to S - 1."""
     max_num_seqs = cu_q_lens.shape[0] - 1
     rows = jnp.arange(num_tokens, dtype=jnp.int32)  # i32[T]
     live_seq = jnp.arange(max_num_seqs) < num_seqs[0]
     seq = jnp.sum((rows[:, None] >= cu_q_lens[None, 1:]) & live_seq, axis=1, dtype=jnp.int32)
-    seq = jnp.minimum(seq, max_num_seqs - 1)  # i32[T]
-    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    return seq, q_len == 1, rows < cu_q_lens[num_seqs[0]]
+    return jnp.minimum(seq, max_num_seqs - 1)
 
 
 @functools.partial(
@@ -279,13 +353,17 @@ def ragged_paged_attention(
     if head_dim & (head_dim - 1) or head_dim < 16:
         raise ValueError(f"{head_dim=} must be a power of two >= 16 for the GPU kernel")
     sizes = block_sizes
-    group = shape.group
-    group_pad = _pow2_ceil(group)
-    common = dict(
-        group=group, group_pad=group_pad, page_size=ps,
-        sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap,
+    group_pad = _pow2_ceil(shape.group)
+    num_tokens, num_q_heads, hkv, s_max = (
+        shape.num_tokens, shape.num_q_heads, shape.num_kv_heads, shape.max_num_seqs,
     )  # fmt: skip
-    small = shape.max_num_seqs * shape.num_kv_heads <= sizes.small_batch_programs
+    common = dict(
+        group=shape.group, group_pad=group_pad, page_size=ps, num_pages=shape.num_pages,
+        num_q_heads=num_q_heads, sm_scale=float(sm_scale), sliding_window=sliding_window,
+        soft_cap=soft_cap, split_masks=sizes.split_masks,
+        prefetch_pages=sizes.prefetch_pages, spare=interpret,
+    )  # fmt: skip
+    small = s_max * hkv <= sizes.small_batch_programs
     dec_warps = sizes.small_batch_warps if small else sizes.decode_warps
     dec_stages = sizes.small_batch_stages if small else sizes.decode_stages
     dec_target = sizes.small_batch_target if small else sizes.target_programs
@@ -296,58 +374,62 @@ def ragged_paged_attention(
         num_splits=_num_splits(shape, dec_ppb, dec_target, sizes.max_splits), **common,
     )  # fmt: skip
     pre_rows = max(16, group_pad, _pow2_ceil(sizes.prefill_rows))
-    pre_tokens = pre_rows // group_pad
     pre = _Tile(
-        decode=False, rows=pre_rows, tokens=pre_tokens, num_splits=1,
+        decode=False, rows=pre_rows, tokens=pre_rows // group_pad, num_splits=1,
         pages_per_block=max(1, sizes.prefill_kv_tokens // ps), **common,
     )  # fmt: skip
-    num_tokens, num_q_heads, hkv, s_max = (
-        shape.num_tokens, shape.num_q_heads, shape.num_kv_heads, shape.max_num_seqs,
-    )  # fmt: skip
-    unused = jnp.zeros((1,), jnp.int32)
+    # Output rows: token * Hq + head, plus (interpreter only) spare rows for masked stores.
+    num_rows = num_tokens * num_q_heads + (max(dec_rows, pre_rows) if interpret else 0)
+    out_shape = jax.ShapeDtypeStruct((num_rows, head_dim), q.dtype)
     meta = (kv_lens, cu_q_lens, num_seqs, page_tables)
+    flat = (
+        q.reshape(num_tokens * num_q_heads, head_dim),
+        k_pages.reshape(-1, head_dim),
+        v_pages.reshape(-1, head_dim),
+    )
 
-    def call(tile: _Tile, grid, out_shape, tables, warps, stages):
+    def call(tile: _Tile, grid, out_shape, warps, stages, extra=(), aliases=None):
         return pl.pallas_call(
             functools.partial(_kernel, t=tile),
             grid=grid,
             out_shape=out_shape,
+            input_output_aliases=aliases or {},
             compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
             interpret=interpret,
             name="rpa_decode" if tile.decode else "rpa_prefill",
-        )(*meta, *tables, q, k_pages, v_pages)
+        )(*meta, *flat, *extra)
 
-    o_dec, m_dec, l_dec = call(
-        dec,
-        (s_max, hkv, dec.num_splits),
-        (
-            jax.ShapeDtypeStruct((dec.num_splits, s_max, num_q_heads + 1, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((dec.num_splits, s_max, num_q_heads + 1), jnp.float32),
-            jax.ShapeDtypeStruct((dec.num_splits, s_max, num_q_heads + 1), jnp.float32),
-        ),
-        (unused, unused),
-        dec_warps,
-        dec_stages,
-    )
-    seq, is_decode, live = _rows_to_seqs(cu_q_lens, num_seqs, num_tokens)  # [T] each
-    o_dec, m_dec, l_dec = o_dec[:, :, :num_q_heads], m_dec[:, :, :num_q_heads], l_dec[..., :-1]
-    # Merge the decode splits: f32[S, Hq, D].
-    m_max = jnp.max(m_dec, axis=0)  # f32[S, Hq]; log2 domain
-    w = jnp.exp2(m_dec - m_max)  # f32[splits, S, Hq]
-    l_tot = jnp.sum(l_dec * w, axis=0)
-    o_seq = jnp.sum(o_dec * w[..., None], axis=0) / jnp.maximum(l_tot, 1e-30)[..., None]
-    out = o_seq[seq]  # f32[T, Hq, D]
-
-    if num_tokens > 1:  # a prefill chunk needs at least two rows
-        num_tiles = -(-num_tokens // pre_tokens) + min(s_max, num_tokens // 2)
-        tile_seq, tile_idx = _prefill_tiles(cu_q_lens, num_seqs, pre_tokens, num_tiles)
-        o_pre = call(
-            pre,
-            (num_tiles, hkv, 1),
-            jax.ShapeDtypeStruct((num_tokens + 1, num_q_heads, head_dim), q.dtype),
-            (tile_seq, tile_idx),
-            sizes.prefill_warps,
-            sizes.prefill_stages,
-        )[:num_tokens]  # [T, Hq, D]; rows it does not own are unwritten
-        out = jnp.where(is_decode[:, None, None], out, o_pre.astype(jnp.float32))
-    return jnp.where(live[:, None, None], out, 0.0).astype(q.dtype)
+    dec_grid = (s_max, hkv, dec.num_splits)
+    if dec.num_splits == 1:
+        out = call(dec, dec_grid, out_shape, dec_warps, dec_stages)  # decode rows written
+    else:
+        o_dec, m_dec, l_dec = call(
+            dec,
+            dec_grid,
+            (
+                jax.ShapeDtypeStruct(
+                    (dec.num_splits, s_max, num_q_heads + 1, head_dim), jnp.float32
+                ),
+                jax.ShapeDtypeStruct((dec.num_splits, s_max, num_q_heads + 1), jnp.float32),
+                jax.ShapeDtypeStruct((dec.num_splits, s_max, num_q_heads + 1), jnp.float32),
+            ),
+            dec_warps,
+            dec_stages,
+        )
+        o_dec, m_dec, l_dec = o_dec[:, :, :num_q_heads], m_dec[:, :, :num_q_heads], l_dec[..., :-1]
+        # Merge the splits: f32[S, Hq, D]; rows of chunks and padding are overwritten below.
+        m_max = jnp.max(m_dec, axis=0)  # f32[S, Hq]; log2 domain
+        w = jnp.exp2(m_dec - m_max)  # f32[splits, S, Hq]
+        l_tot = jnp.sum(l_dec * w, axis=0)
+        o_seq = jnp.sum(o_dec * w[..., None], axis=0) / jnp.maximum(l_tot, 1e-30)[..., None]
+        out = o_seq[_row_seqs(cu_q_lens, num_seqs, num_tokens)].astype(q.dtype)  # [T, Hq, D]
+        out = out.reshape(num_tokens * num_q_heads, head_dim)
+        out = jnp.pad(out, ((0, num_rows - out.shape[0]), (0, 0)))
+    # Chunk tiles, then zero tiles for padding rows: enough for any ragged split (each chunk
+    # adds at most one partial tile; there are at most min(S, T // 2) chunks).
+    num_tiles = -(-num_tokens // pre.tokens) + min(s_max, num_tokens // 2) + 1
+    out = call(
+        pre, (num_tiles, hkv, 1), out_shape, sizes.prefill_warps, sizes.prefill_stages,
+        extra=(out,), aliases={len(meta) + len(flat): 0},
+    )  # fmt: skip
+    return out[: num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
