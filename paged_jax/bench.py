@@ -164,8 +164,12 @@ def _timeline_metrics(llm: Any, copy_bytes_per_s: float | None) -> dict[str, Any
     steps = llm.timeline
     parts = ("schedule_s", "pack_s", "dispatch_s", "device_wait_s", "update_s")
     step_s = np.array([r.step_s for r in steps])
-    means = {p: float(np.mean([getattr(r, p) for r in steps])) for p in parts}
-    means["other_s"] = float(step_s.mean()) - sum(means.values())
+    num_steps = sum(r.num_steps for r in steps)  # engine steps (a burst has several)
+    sums = {p: float(np.sum([getattr(r, p) for r in steps])) for p in parts}
+    sums["other_s"] = float(step_s.sum()) - sum(sums.values())
+    means = {p: v / num_steps for p, v in sums.items()}  # per engine step
+    # Host-only work: the device is idle meanwhile (each record waits for its samples).
+    host_s = sums["schedule_s"] + sums["pack_s"] + sums["update_s"] + sums["other_s"]
     cfg, params = llm.model_config, llm.runner.params
     # A decode step reads every weight once except the embedding table, of which it gathers
     # a few rows (tied embeddings are read whole, as the lm head).
@@ -173,8 +177,11 @@ def _timeline_metrics(llm: Any, copy_bytes_per_s: float | None) -> dict[str, Any
     if not cfg.tie_word_embeddings:
         weight_bytes -= params["embed"].nbytes
     kv_bytes_per_token = _kv_bytes_per_token(llm)
-    decode = [r for r in steps if r.num_tokens == r.num_seqs]
-    decode_bytes = sum(weight_bytes + r.num_kv_tokens * kv_bytes_per_token for r in decode)
+    # Decode-only records: one-token steps and bursts (a burst's counts add up its steps).
+    decode = [r for r in steps if r.num_tokens == r.num_seqs * r.num_steps]
+    decode_bytes = sum(
+        r.num_steps * weight_bytes + r.num_kv_tokens * kv_bytes_per_token for r in decode
+    )
     decode_s = sum(r.step_s for r in decode)
     device_s = sum(r.dispatch_s + r.device_wait_s for r in decode)
     mbu = mbu_device = None
@@ -182,15 +189,15 @@ def _timeline_metrics(llm: Any, copy_bytes_per_s: float | None) -> dict[str, Any
         mbu = decode_bytes / decode_s / copy_bytes_per_s
         mbu_device = decode_bytes / device_s / copy_bytes_per_s
     return {
-        "host_overhead_share": float(
-            (step_s - [r.device_wait_s for r in steps]).sum() / step_s.sum()
-        ),
-        "step_mean_s": float(step_s.mean()),
+        "host_overhead_share": host_s / float(step_s.sum()),
+        "dispatch_share": sums["dispatch_s"] / float(step_s.sum()),
+        "step_mean_s": float(step_s.sum()) / num_steps,
         "step_component_mean_s": means,
         "biggest_step_costs": sorted(means, key=means.__getitem__, reverse=True)[:3],
         "decode": {
-            "steps": len(decode),
-            "step_s": _dist([r.step_s for r in decode]),
+            "steps": sum(r.num_steps for r in decode),
+            "bursts": sum(r.num_steps > 1 for r in decode),
+            "step_s": _dist([r.step_s / r.num_steps for r in decode]),
             "mean_num_seqs": float(np.mean([r.num_seqs for r in decode])) if decode else 0.0,
             "weight_bytes_per_step": int(weight_bytes),
             "kv_bytes_per_token": int(kv_bytes_per_token),
@@ -203,9 +210,7 @@ def _timeline_metrics(llm: Any, copy_bytes_per_s: float | None) -> dict[str, Any
 
 def _series(llm: Any, start: float, max_points: int = 120) -> dict[str, list[float]]:
     """The timeline in time bins (about 5 steps each, at most ``max_points``): tokens/s, pages
-    in use, sequences; None for a bin without steps. Output tok/s is approximated by sequences
-    per step (only a sequence's last prefill chunk samples, so it overcounts by at most the
-    partial prefills)."""
+    in use, sequences; None for a bin without steps."""
     steps = llm.timeline
     t = np.array([r.time - start for r in steps])
     num_bins = max(1, min(max_points, len(steps) // 5))
@@ -227,7 +232,7 @@ def _series(llm: Any, start: float, max_points: int = 120) -> dict[str, list[flo
     return {
         "t_s": [round(float(x), 4) for x in edges[1:]],
         "tokens_per_s": per_bin([r.num_tokens for r in steps], "rate"),
-        "output_tokens_per_s": per_bin([r.num_seqs for r in steps], "rate"),
+        "output_tokens_per_s": per_bin([r.num_sampled for r in steps], "rate"),
         "used_pages_frac": per_bin([r.num_used_pages / num_pages for r in steps], "mean"),
         "num_seqs": per_bin([r.num_seqs for r in steps], "mean"),
     }
@@ -245,6 +250,8 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "attn_impl": args.attn_impl,
         "compilation_cache_dir": args.compilation_cache_dir,
     }
+    if args.decode_steps is not None:
+        options["decode_steps"] = args.decode_steps
     if args.kv_memory_fraction is not None:
         options["kv_memory_fraction"] = args.kv_memory_fraction
     return options
@@ -347,7 +354,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "copy": copy,
         "compiles_after_warmup": stats["compiles_after_warmup"],
         "warmup_seconds": llm.warmup_seconds,
-        "warmup_buckets": len(llm.runner.warmup_seconds),
+        "warmup_buckets": sum(k[2] != "advance" for k in llm.runner.warmup_seconds),
         "load_seconds": stats["load_seconds"],
         "init_seconds": init_s,
         "series": _series(llm, start),
@@ -381,8 +388,10 @@ def to_markdown(r: dict[str, Any]) -> str:
          f"{fmt(dec['mbu'], '.3f')} / {fmt(dec['mbu_device'], '.3f')}"),
         ("copy bandwidth (GB/s, read + written)",
          fmt(r["copy"] and r["copy"]["bytes_per_s"] / 1e9, ".0f")),
-        ("decode steps, mean sequences", f"{dec['steps']}, {dec['mean_num_seqs']:.1f}"),
-        ("host overhead share of step time", f"{r['host_overhead_share']:.3f}"),
+        ("decode steps (in bursts), mean sequences",
+         f"{dec['steps']} ({dec['bursts']}), {dec['mean_num_seqs']:.1f}"),
+        ("host-only / dispatch share of step time",
+         f"{r['host_overhead_share']:.3f} / {r['dispatch_share']:.3f}"),
         ("step mean (ms) and components", f"{1e3 * r['step_mean_s']:.2f}: {comps}"),
         ("three biggest step costs", ", ".join(k[:-2] for k in r["biggest_step_costs"])),
         ("compiles after warmup", str(r["compiles_after_warmup"])),
@@ -459,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--kv-memory-fraction", type=float, default=None, help="engine default 0.9")
     add("--contiguous", action="store_true", help="reserve max_model_len per request")
     add("--attn-impl", default="auto", choices=("auto", "reference", "gpu", "tpu"))
+    add("--decode-steps", type=int, default=None, help="decode burst length (engine default 8)")
     add("--warmup-requests", type=int, default=8, help="small requests run before timing")
     add("--compilation-cache-dir", default=None)
     add("--copy-bytes", type=int, default=2**30, help="bytes of the timed copy; 0 skips MBU")

@@ -35,11 +35,18 @@ class EngineConfig:
     reserve_full: bool = False  # contiguous mode: reserve max_model_len pages per request
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache
     warmup: bool = True  # precompile every bucket at start-up
-    warmup_prompt_logprobs: bool = False  # also the prompt_logprobs step (eval runs)
+    warmup_logprobs: bool = False  # also the logprobs / prompt_logprobs steps (eval runs)
+    decode_steps: int = 8  # decode bursts: most decode steps per host round trip (1: off)
     seed: int = 0  # seeds unseeded requests (each still gets its own stream)
 
     def __post_init__(self) -> None:
-        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "kv_cpu_bytes"):
+        for name in (
+            "page_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "kv_cpu_bytes",
+            "decode_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_pages is not None and self.num_pages < 2:

@@ -75,6 +75,7 @@ class LLM:
             page_size=cfg.page_size,
             num_pages=num_pages,
             reserve_full=cfg.reserve_full,
+            decode_steps=cfg.decode_steps,
         )
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None:
@@ -94,8 +95,9 @@ class LLM:
         )
         self.warmup_seconds = 0.0
         if cfg.warmup:
-            self.warmup_seconds = self.runner.warmup(prompt_logprobs=cfg.warmup_prompt_logprobs)
-        if cfg.warmup:
+            self.warmup_seconds = self.runner.warmup(
+                logprobs=cfg.warmup_logprobs, decode_bursts=cfg.decode_steps > 1
+            )
             logger.info(
                 "warmup compiled %d buckets in %.1fs",
                 len(self.runner.warmup_seconds),
@@ -166,48 +168,72 @@ class LLM:
                 live[item.seq.seq_id].record_logprobs(item, row, out, offset)
                 offset += item.num_new_tokens
         finished = {s.seq_id for s in self.scheduler.update(plan, out.sampled.tolist())}
-        end = time.perf_counter()
-        self._stats["seconds"] += end - start
-        self._stats["steps"] += 1
-        self._stats["kv_utilization_sum"] += self.scheduler.kv_utilization()
-        pack_s, dispatch_s, wait_s = self.runner.last_timing
-        self.timeline.append(
-            StepRecord(end, plan.num_seqs, plan.num_tokens,
-                       self.scheduler.allocator.num_used_pages,
-                       sum(i.kv_len for i in plan.scheduled), end - start,
-                       scheduled - start, pack_s, dispatch_s, wait_s, end - ran)
-        )  # fmt: skip
-        touched = []
+        touched, num_sampled = [], 0
         for item in plan.scheduled:
-            req = live[item.seq.seq_id]
             if not item.sample:
                 continue
-            self._stats["output_tokens"] += 1
-            self._on_token(req, item.seq.output_token_ids[-1], item.seq.seq_id in finished)
+            req, seq = live[item.seq.seq_id], item.seq
+            num_new = seq.num_output_tokens - item.sample_position  # > 1 only in a burst
+            num_sampled += num_new
+            for j in range(num_new):
+                last = j == num_new - 1
+                index = item.sample_position + j
+                if not self._on_token(req, index, seq.seq_id in finished and last):
+                    break  # a stop string: the tokens after it are gone
             touched.append(req)
-        self._stats["scheduled_tokens"] += plan.num_tokens
+        end = time.perf_counter()
+        self._record(plan, num_sampled, start, scheduled, ran, end)
         return touched
 
-    def _on_token(self, req: Request, token_id: int, finished: bool) -> None:
+    def _record(
+        self, plan: Any, num_sampled: int, start: float, scheduled: float, ran: float, end: float
+    ) -> None:
+        """Counters and one StepRecord for a step (a burst counts as one record)."""
+        burst = plan.burst_len
+        computed = plan.num_tokens
+        kv_tokens = sum(i.kv_len for i in plan.scheduled)
+        if plan.num_steps:  # every row computes each step; idle rows re-read their K/V
+            computed = plan.num_seqs * burst
+            kv_tokens = sum(
+                burst * i.kv_len + sum(min(j, n - 1) for j in range(burst))
+                for i, n in zip(plan.scheduled, plan.num_steps, strict=True)
+            )
+        s = self._stats
+        s["seconds"] += end - start
+        s["steps"] += burst
+        s["kv_utilization_sum"] += burst * self.scheduler.kv_utilization()
+        s["output_tokens"] += num_sampled
+        s["scheduled_tokens"] += computed
+        pack_s, dispatch_s, wait_s = self.runner.last_timing
+        self.timeline.append(
+            StepRecord(end, plan.num_seqs, computed, self.scheduler.allocator.num_used_pages,
+                       kv_tokens, end - start, scheduled - start, pack_s, dispatch_s, wait_s,
+                       end - ran, burst, num_sampled)
+        )  # fmt: skip
+
+    def _on_token(self, req: Request, index: int, finished: bool) -> bool:
+        """Detokenize output ``index`` and look for stop strings; False if one stopped it."""
         seq, params = req.seq, req.seq.sampling_params
         if not params.detokenize:
-            return
+            return True
+        token_id = seq.token_ids[seq.num_prompt_tokens + index]
         before = len(req.detok.text)
         req.detok.add(token_id)
         if finished:
             req.detok.flush()
         text = req.detok.text
         stops = params.stop_strings
-        if stops and seq.num_output_tokens >= params.min_tokens:
+        if stops and index + 1 >= params.min_tokens:
             window_start = max(0, before - max(len(s) for s in stops) + 1)
             hits = [(text.find(s, window_start), s) for s in stops]
             hits = [(i, s) for i, s in hits if i >= 0]
             if hits:
-                index, stop = min(hits)
-                req.text = text[:index]
-                self.scheduler.finish(seq, "stop", stop)
-                return
+                cut, stop = min(hits)
+                req.text = text[:cut]
+                self.scheduler.finish(seq, "stop", stop, num_output_tokens=index + 1)
+                return False
         req.text = text
+        return True
 
     def _run(self, requests: list[Request], use_tqdm: bool) -> Iterator[list[Request]]:
         live = {r.seq.seq_id: r for r in requests}

@@ -16,19 +16,22 @@ Prompt = str | list[int] | list[dict[str, str]]
 
 
 class StepRecord(NamedTuple):
-    """One engine step, for benchmarks and plots (seconds; time is perf_counter at its end)."""
+    """One engine step or decode burst, for benchmarks and plots (seconds; time is
+    perf_counter at its end). A burst's counts add up its steps."""
 
     time: float
     num_seqs: int
-    num_tokens: int
+    num_tokens: int  # q rows computed (a burst: num_seqs * num_steps)
     num_used_pages: int
-    num_kv_tokens: int  # K/V tokens the step's attention reads (sum of kv_lens)
+    num_kv_tokens: int  # K/V tokens the attention reads (sum of kv_lens over the steps)
     step_s: float
     schedule_s: float
     pack_s: float
     dispatch_s: float
     device_wait_s: float
     update_s: float
+    num_steps: int = 1  # decode steps (1 unless a burst)
+    num_sampled: int = 0  # output tokens kept
 
 
 class Request:

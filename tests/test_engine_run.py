@@ -58,6 +58,7 @@ def run_engine(
         seq = Sequence(f"req-{i}", prompt, params)
         scheduler.add(seq)
         seqs[seq.request_id] = seq
+    num_bursts = 0
     for _ in range(max_steps):
         if not scheduler.has_unfinished():
             break
@@ -79,6 +80,10 @@ def run_engine(
         num_real = int(inputs.cu_q_lens[plan.num_seqs])
         assert (inputs.slot_mapping[:num_real] // page_size != NULL_PAGE).all()
         assert (inputs.slot_mapping[num_real:] // page_size == NULL_PAGE).all()
+        if plan.num_steps:
+            scheduler.update(plan, run_burst(plan, inputs, cache, page_size))
+            num_bursts += 1
+            continue
         cache[inputs.slot_mapping] = inputs.token_ids
         sampled = []
         for row in range(plan.num_seqs):
@@ -92,7 +97,33 @@ def run_engine(
     assert scheduler.allocator.num_free_pages == config.num_pages - 1
     assert scheduler.allocator.num_used_pages == 0
     assert all(seq.is_finished and not seq.page_ids for seq in seqs.values())
+    assert num_bursts == 0 or config.decode_steps > 1
+    scheduler.num_bursts = num_bursts  # for the tests' own checks
     return seqs, scheduler
+
+
+def run_burst(plan, inputs, cache: np.ndarray, page_size: int) -> list[list[int]]:
+    """A decode burst, step by step: each row writes its token at its next position (through
+    its page table, which must already cover the burst) and samples from its cached tokens.
+    Rows past their own step count get a junk token, which update must ignore."""
+    assert plan.num_tokens == plan.num_seqs and all(i.num_new_tokens == 1 for i in plan.scheduled)
+    sampled = [[] for _ in plan.scheduled]
+    for row, num_steps in enumerate(plan.num_steps):
+        token, kv_len = int(inputs.token_ids[row]), int(inputs.kv_lens[row])
+        for j in range(plan.burst_len):
+            if j >= num_steps:
+                sampled[row].append(10**6)
+                continue
+            pos = kv_len - 1
+            page = inputs.page_tables[row, pos // page_size]
+            assert page != NULL_PAGE, "the burst's pages must be allocated up front"
+            cache[page * page_size + pos % page_size] = token
+            positions = np.arange(kv_len)
+            slots = inputs.page_tables[row, positions // page_size] * page_size
+            token = fake_next_token(cache[slots + positions % page_size])
+            sampled[row].append(token)
+            kv_len += 1
+    return sampled
 
 
 def make_requests(seed: int, num_requests: int, max_prompt: int, max_tokens: int):
@@ -144,14 +175,17 @@ def test_eos_and_min_tokens_end_to_end():
         (p, SamplingParams(max_tokens=s.max_tokens, min_tokens=i % 3, stop_token_ids=[5]))
         for i, (p, s) in enumerate(requests)
     ]
-    config = SchedulerConfig(
-        max_num_seqs=3, max_num_batched_tokens=7, max_model_len=40, page_size=2, num_pages=30
-    )
     eos_ids = {EOS, 11, 12, 13}
-    seqs, _ = run_engine(config, requests, eos_ids=eos_ids)
-    for i, (prompt, params) in enumerate(requests):
-        expected = reference_outputs(prompt, params, 40, eos_ids)
-        assert seqs[f"req-{i}"].output_token_ids == expected
+    for decode_steps in (1, 8):
+        config = SchedulerConfig(
+            max_num_seqs=3, max_num_batched_tokens=7, max_model_len=40, page_size=2, num_pages=30,
+            decode_steps=decode_steps,
+        )  # fmt: skip
+        seqs, scheduler = run_engine(config, requests, eos_ids=eos_ids)
+        assert (scheduler.num_bursts > 0) == (decode_steps > 1)
+        for i, (prompt, params) in enumerate(requests):
+            expected = reference_outputs(prompt, params, 40, eos_ids)
+            assert seqs[f"req-{i}"].output_token_ids == expected
 
 
 @settings(max_examples=60, deadline=None)
@@ -162,6 +196,7 @@ def test_eos_and_min_tokens_end_to_end():
     budget=st.integers(1, 64),
     max_num_seqs=st.integers(1, 6),
     reserve_full=st.booleans(),
+    decode_steps=st.sampled_from([1, 2, 3, 8]),
     workload=st.lists(
         st.tuples(st.integers(1, 48), st.integers(1, 24), st.integers(0, 2**31)),
         min_size=1,
@@ -169,7 +204,14 @@ def test_eos_and_min_tokens_end_to_end():
     ),
 )
 def test_random_workloads_finish_with_expected_outputs(
-    page_size, max_model_len, extra_pages, budget, max_num_seqs, reserve_full, workload
+    page_size,
+    max_model_len,
+    extra_pages,
+    budget,
+    max_num_seqs,
+    reserve_full,
+    decode_steps,
+    workload,
 ):
     max_pages_per_seq = -(-max_model_len // page_size)
     config = SchedulerConfig(
@@ -179,6 +221,7 @@ def test_random_workloads_finish_with_expected_outputs(
         page_size=page_size,
         num_pages=1 + max_pages_per_seq + extra_pages,
         reserve_full=reserve_full,
+        decode_steps=decode_steps,
     )
     requests = []
     for prompt_len, max_tokens, seed in workload:
@@ -198,7 +241,7 @@ def test_random_workloads_finish_with_expected_outputs(
 def test_seeded_sweep_with_preemptions():
     """Many random tight-pool workloads (about a third preempt): outputs never change."""
     rng = np.random.default_rng(1234)
-    num_preempting = 0
+    num_preempting = num_bursting = 0
     for _ in range(150):
         page_size = int(rng.choice([1, 2, 4, 8]))
         max_model_len = int(rng.integers(4, 49))
@@ -209,6 +252,7 @@ def test_seeded_sweep_with_preemptions():
             max_model_len=max_model_len,
             page_size=page_size,
             num_pages=1 + max_pages_per_seq + int(rng.integers(0, 13)),
+            decode_steps=int(rng.choice([1, 4, 8])),
         )
         requests = []
         for _ in range(int(rng.integers(1, 9))):
@@ -218,7 +262,8 @@ def test_seeded_sweep_with_preemptions():
             requests.append((prompt, params))
         seqs, scheduler = run_engine(config, requests)
         num_preempting += scheduler.num_preemptions > 0
+        num_bursting += scheduler.num_bursts > 0
         for i, (prompt, params) in enumerate(requests):
             expected = reference_outputs(prompt, params, max_model_len)
             assert seqs[f"req-{i}"].output_token_ids == expected
-    assert num_preempting >= 30
+    assert num_preempting >= 30 and num_bursting >= 30

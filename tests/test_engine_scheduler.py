@@ -257,3 +257,76 @@ def test_config_validation(overrides, field):
 def test_config_error_says_how_many_tokens_fit():
     with pytest.raises(ValueError, match="at most 396 tokens"):
         config(max_model_len=400)
+
+
+def decode_all(scheduler: Scheduler, *seqs: Sequence) -> None:
+    """Admit and prefill every sequence in one step, so the next plan is decode-only."""
+    for s in seqs:
+        scheduler.add(s)
+    plan, _ = step(scheduler)
+    assert all(i.sample for i in plan.scheduled)
+
+
+def test_decode_burst_caps_each_sequence_and_allocates_its_pages():
+    scheduler = Scheduler(
+        config(max_num_batched_tokens=32, decode_steps=8, max_model_len=20, page_size=4)
+    )
+    a, b, c = seq("a", 3, max_tokens=100), seq("b", 3, max_tokens=4), seq("c", 5)
+    decode_all(scheduler, a, b, c)
+    free = scheduler.allocator.num_free_pages
+    plan = scheduler.schedule()
+    # a: 8 steps; b: 3 more tokens (max_tokens 4); c: 6 tokens (12 more reach max_model_len 20)
+    assert plan.num_steps == (8, 3, 8) and plan.burst_len == 8
+    # Step j writes position kv_len - 1 + j: a needs positions 3..10 -> 3 pages in all.
+    assert [len(i.page_ids) for i in plan.scheduled] == [3, 2, 4]
+    assert [len(s.page_ids) for s in (a, b, c)] == [3, 2, 4]
+    assert scheduler.allocator.num_free_pages == free - (3 + 2 + 4 - (1 + 1 + 2))
+    finished = scheduler.update(plan, [list(range(20, 28))] * 3)
+    assert a.output_token_ids == [7, *range(20, 28)] and a.num_uncomputed_tokens == 1
+    assert b.output_token_ids == [7, 20, 21, 22] and b in finished and b.finish_reason == "length"
+    assert c.num_tokens == 5 + 1 + 8 and c.num_computed_tokens == c.num_tokens - 1
+
+
+def test_decode_burst_stops_at_eos_and_drops_later_tokens():
+    scheduler = Scheduler(config(max_num_batched_tokens=32, decode_steps=4), eos_token_ids=[EOS])
+    a = seq("a", 3)
+    decode_all(scheduler, a)
+    plan = scheduler.schedule()
+    assert plan.num_steps == (4,)
+    finished = scheduler.update(plan, [[30, EOS, 31, 32]])
+    assert finished == [a] and a.output_token_ids == [7, 30, EOS] and not a.page_ids
+    assert scheduler.allocator.num_used_pages == 0
+
+
+def test_decode_burst_halves_when_pages_are_short_and_needs_decode_only_plans():
+    scheduler = Scheduler(
+        config(
+            max_num_batched_tokens=32, decode_steps=8, page_size=2, num_pages=8, max_model_len=14
+        )
+    )
+    a, b = seq("a", 4), seq("b", 4)
+    decode_all(scheduler, a, b)  # 5 tokens each: the next decode takes 3 pages each, 1 left
+    plan = scheduler.schedule()
+    assert plan.num_steps == (2, 2)  # 8 and 4 steps would need 8 and 4 more pages
+    scheduler.update(plan, [[1, 2], [3, 4]])
+    # Waiting work admitted in a step makes it an ordinary step.
+    scheduler = Scheduler(config(max_num_batched_tokens=32, decode_steps=8))
+    decode_all(scheduler, seq("a", 3))
+    scheduler.add(seq("new", 3))
+    assert scheduler.schedule().num_steps == ()
+    # So does a request that wants logprobs.
+    scheduler = Scheduler(config(max_num_batched_tokens=32, decode_steps=8))
+    decode_all(scheduler, seq("a", 3), seq("b", 3, logprobs=2))
+    assert scheduler.schedule().num_steps == ()
+
+
+def test_finish_with_num_output_tokens_drops_the_tail():
+    scheduler = Scheduler(config(max_num_batched_tokens=32, decode_steps=4))
+    a = seq("a", 3)
+    decode_all(scheduler, a)
+    plan = scheduler.schedule()
+    scheduler.update(plan, [[40, 41, 42, 43]])
+    scheduler.finish(a, "stop", "xy", num_output_tokens=3)
+    assert a.output_token_ids == [7, 40, 41] and a.finish_reason == "stop" and not a.page_ids
+    scheduler.finish(a, "stop", "x", num_output_tokens=2)  # already finished: still truncates
+    assert a.output_token_ids == [7, 40] and a.stop_reason == "x"

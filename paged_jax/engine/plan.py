@@ -39,10 +39,22 @@ class ScheduledSeq:
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     """Scheduled sequences in packing order (decodes, then continuing prefills, then newly
-    admitted ones), and the sequences preempted while planning."""
+    admitted ones), and the sequences preempted while planning.
+
+    A decode burst (``num_steps`` not empty) runs several decode steps in one round trip: every
+    item is a one-token decode, and item i samples ``num_steps[i]`` tokens, feeding each back
+    as the next step's input (its pages already cover them). The burst lasts
+    ``max(num_steps)`` steps; a row whose own count is reached idles for the rest.
+    """
 
     scheduled: tuple[ScheduledSeq, ...]
     preempted: tuple[Sequence, ...] = ()
+    num_steps: tuple[int, ...] = ()  # per scheduled item; empty: one ordinary step
+
+    @property
+    def burst_len(self) -> int:
+        """Decode steps this plan computes (1 for an ordinary step)."""
+        return max(self.num_steps, default=1)
 
     @property
     def num_seqs(self) -> int:

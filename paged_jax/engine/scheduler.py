@@ -11,6 +11,13 @@ front of the waiting queue to be recomputed as prompt + outputs. The oldest runn
 never a victim of another, so it always progresses. Admission leaves one free page per running
 sequence, so that the next steps' decodes need not at once preempt the newcomer; no admission
 happens in a step that preempted.
+
+Decode bursts (``decode_steps`` > 1): a plan of one-token decodes only (nothing admitted, no
+prefill chunk, no preemption, no logprobs asked for) becomes a burst of up to decode_steps
+steps, each sequence capped by its own max_tokens and max_model_len, with the pages for those
+tokens allocated up front; when free pages cannot cover the burst it is halved, down to an
+ordinary step. Tokens past a stop (EOS, stop id or string) are dropped by ``update`` / the
+caller, so the output is token for token that of single steps.
 """
 
 from __future__ import annotations
@@ -41,9 +48,16 @@ class SchedulerConfig:
     page_size: int
     num_pages: int
     reserve_full: bool = False
+    decode_steps: int = 1  # most decode steps per burst (1: no bursts)
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_model_len",
+            "page_size",
+            "decode_steps",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
@@ -120,19 +134,25 @@ class Scheduler:
                 self._schedule_running(seq, builder)
         if not builder.preempted:  # re-admitting now would only preempt again
             self._admit_waiting(builder)
-        return StepPlan(tuple(builder.items.values()), tuple(builder.preempted))
+        plan = StepPlan(tuple(builder.items.values()), tuple(builder.preempted))
+        if self.config.decode_steps > 1 and not plan.preempted:
+            plan = self._as_burst(plan)
+        return plan
 
-    def update(self, plan: StepPlan, sampled_token_ids: SequenceOf[int]) -> list[Sequence]:
-        """Apply a computed step. sampled_token_ids: one per scheduled sequence, in plan
-        order; entries of sequences with sample=False are ignored. Returns the sequences that
-        finished in this step (their pages are already freed)."""
+    def update(
+        self, plan: StepPlan, sampled_token_ids: SequenceOf[int] | SequenceOf[SequenceOf[int]]
+    ) -> list[Sequence]:
+        """Apply a computed step. sampled_token_ids: per scheduled sequence in plan order, its
+        sampled id (a burst: its ``burst_len`` ids, of which the first ``num_steps[i]`` count);
+        entries of sequences with sample=False are ignored. Returns the sequences that finished
+        in this step (their pages are already freed)."""
         if len(sampled_token_ids) != plan.num_seqs:
             raise ValueError(
                 f"len(sampled_token_ids)={len(sampled_token_ids)} != plan.num_seqs={plan.num_seqs}"
             )
         now = self._clock()
         finished = []
-        for item, token_id in zip(plan.scheduled, sampled_token_ids, strict=True):
+        for row, (item, sampled) in enumerate(zip(plan.scheduled, sampled_token_ids, strict=True)):
             seq = item.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # finished by the caller since the plan was made
@@ -140,22 +160,39 @@ class Scheduler:
             seq.num_computed_tokens += item.num_new_tokens
             if not item.sample:
                 continue
-            token_id = int(token_id)
-            seq.append_token(token_id)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            stop = self._check_stop(seq, token_id)
-            if stop is not None:
-                self._finish(seq, stop[0], stop[1], now)
-                finished.append(seq)
+            token_ids = sampled[: plan.num_steps[row]] if plan.num_steps else [sampled]
+            for j, token_id in enumerate(token_ids):
+                if j:  # the burst's step j computed the K/V of the token sampled before it
+                    seq.num_computed_tokens += 1
+                token_id = int(token_id)
+                seq.append_token(token_id)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                stop = self._check_stop(seq, token_id)
+                if stop is not None:
+                    self._finish(seq, stop[0], stop[1], now)
+                    finished.append(seq)
+                    break
         return finished
 
     def finish(
-        self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        stop_reason: int | str | None = None,
+        *,
+        num_output_tokens: int | None = None,
     ) -> None:
-        """Stop a request early (a stop string found by the caller, an abort): frees its pages."""
+        """Stop a request early (a stop string found by the caller, an abort): frees its pages.
+        ``num_output_tokens`` also drops the outputs after that many (a stop string found
+        inside a burst's tokens); then an already finished request takes the new reason."""
+        if num_output_tokens is not None and num_output_tokens < seq.num_output_tokens:
+            del seq.token_ids[seq.num_prompt_tokens + num_output_tokens :]
+            seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
         if not seq.is_finished:
             self._finish(seq, reason, stop_reason, self._clock())
+        elif num_output_tokens is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
 
     def kv_utilization(self) -> float:
         """Tokens whose K/V is in the cache / capacity of the allocated pages (0.0 when none are
@@ -215,6 +252,45 @@ class Scheduler:
             sample_position=len(token_ids) - seq.num_prompt_tokens,
         )
         builder.budget -= num_new_tokens
+
+    def _as_burst(self, plan: StepPlan) -> StepPlan:
+        """The plan as a decode burst when it qualifies and free pages allow (else unchanged)."""
+        cfg = self.config
+        items = plan.scheduled
+        for item in items:
+            params = item.seq.sampling_params
+            if item.num_new_tokens != 1 or not item.sample:
+                return plan
+            if params.logprobs is not None or params.prompt_logprobs is not None:
+                return plan
+        caps = [
+            min(
+                item.seq.sampling_params.max_tokens - item.seq.num_output_tokens,
+                cfg.max_model_len - item.seq.num_tokens,
+            )
+            for item in items
+        ]  # tokens each sequence may still sample (>= 1 while it runs)
+        num_free = self.allocator.num_free_pages
+        burst = cfg.decode_steps
+        while burst > 1:
+            steps = [max(1, min(burst, cap)) for cap in caps]
+            # Step j writes the K/V of position kv_len - 1 + j.
+            extra = [
+                max(0, cdiv(item.kv_len - 1 + n, cfg.page_size) - len(item.page_ids))
+                for item, n in zip(items, steps, strict=True)
+            ]
+            if sum(extra) <= num_free:
+                break
+            burst //= 2
+        if burst < 2 or max(steps) < 2:
+            return plan
+        scheduled = []
+        for item, num_extra in zip(items, extra, strict=True):
+            if num_extra:
+                item.seq.page_ids.extend(self.allocator.allocate(num_extra))
+                item = dataclasses.replace(item, page_ids=tuple(item.seq.page_ids))
+            scheduled.append(item)
+        return StepPlan(tuple(scheduled), plan.preempted, tuple(steps))
 
     def _preempt(self, seq: Sequence, builder: _PlanBuilder) -> None:
         self._running.remove(seq)

@@ -58,6 +58,12 @@ class Buckets:
         wanted = min(num_tokens_bucket, self.seq_buckets[-1])
         return self.seq_buckets[bisect.bisect_left(self.seq_buckets, wanted)]
 
+    def decode_buckets(self) -> list[tuple[int, int]]:
+        """The (T, S) of every decode-only plan (one token per sequence), for burst warmup."""
+        most = min(self.token_buckets[-1], self.seq_buckets[-1])
+        sizes = sorted({t for t in self.token_buckets if t <= most} | {most, 1})
+        return sorted({self.pick_bucket(n, n) for n in sizes})
+
     def reachable(self) -> list[tuple[int, int]]:
         """Every (T, S) `pick_bucket` can return, for warmup: one per token bucket."""
         return [(t, self.seqs_for(t)) for t in self.token_buckets]

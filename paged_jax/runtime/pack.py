@@ -43,7 +43,6 @@ class StepInputs:
     sample_positions: np.ndarray  # i32[S]  output index the sampled token will have
     do_sample: np.ndarray  # bool[S]
     suppress_eos: np.ndarray  # bool[S]  fewer than min_tokens outputs yet: EOS ids masked
-    want_logprobs: np.ndarray  # bool[S]  the request asked for logprobs of sampled tokens
     target_ids: np.ndarray  # i32[T]  the next prompt token (scored by prompt_logprobs), else 0
 
 
@@ -105,10 +104,9 @@ def pack(
                 item.sample_position,
                 item.sample,
                 item.sample_position < params.min_tokens,
-                params.logprobs is not None,
             )
         )
-    columns = list(zip(*per_seq, strict=True)) if per_seq else [()] * 11
+    columns = list(zip(*per_seq, strict=True)) if per_seq else [()] * 10
 
     def column(index: int, dtype: type, pad: float) -> np.ndarray:
         out = np.full(S, pad, dtype)  # [S]
@@ -125,7 +123,6 @@ def pack(
     sample_positions = column(7, np.int32, 0)
     do_sample = column(8, np.bool_, False)
     suppress_eos = column(9, np.bool_, False)
-    want_logprobs = column(10, np.bool_, False)
 
     cu_q_lens = np.zeros(S + 1, np.int32)  # i32[S + 1]; padding rows repeat the last value
     np.cumsum(q_lens, out=cu_q_lens[1:])
@@ -166,6 +163,5 @@ def pack(
         sample_positions=sample_positions,
         do_sample=do_sample,
         suppress_eos=suppress_eos,
-        want_logprobs=want_logprobs,
         target_ids=targets,
     )

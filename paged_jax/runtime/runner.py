@@ -1,14 +1,16 @@
 """ModelRunner: owns the params, the KV state and one compiled step per bucket.
 
 ``run(plan)`` picks the smallest (T, S) bucket, packs the plan into padded arrays, calls that
-bucket's executable (KV state donated) and returns the sampled token ids. Warmup compiles
-every reachable bucket ahead of time and logs the seconds each took; after warmup every
-backend compile is counted (``num_compiles_after_warmup``) — it must stay 0.
+bucket's executable (KV state donated) and returns the sampled token ids; a decode burst calls
+it once per step, with ``runtime.burst.advance`` making the next inputs on the device. Warmup
+compiles every reachable bucket ahead of time and logs the seconds each took; after warmup
+every backend compile is counted (``num_compiles_after_warmup``) — it must stay 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, NamedTuple
@@ -21,9 +23,10 @@ from paged_jax.engine.plan import StepPlan
 from paged_jax.model.config import ModelConfig
 from paged_jax.model.llama import Params
 from paged_jax.runtime.buckets import Buckets
+from paged_jax.runtime.burst import advance
 from paged_jax.runtime.pack import StepInputs, pack
 from paged_jax.runtime.state import KVState
-from paged_jax.runtime.step import make_step
+from paged_jax.runtime.step import VARIANTS, make_step
 
 logger = logging.getLogger(__name__)
 
@@ -79,19 +82,15 @@ class ModelRunner:
         self.kv = KVState.create(cfg, num_pages, page_size, kv_dtype)
         self._steps = {
             variant: jax.jit(
-                make_step(
-                    cfg,
-                    attn_impl=attn_impl,
-                    eos_token_ids=eos_token_ids,
-                    prompt_logprobs=variant,
-                ),
+                make_step(cfg, attn_impl=attn_impl, eos_token_ids=eos_token_ids, variant=variant),
                 donate_argnums=(1,),
             )
-            for variant in (False, True)
+            for variant in VARIANTS
         }
-        # keyed by (T, S, prompt_logprobs variant)
-        self._executables: dict[tuple[int, int, bool], Any] = {}
-        self.warmup_seconds: dict[tuple[int, int, bool], float] = {}
+        self._advance = jax.jit(functools.partial(advance, page_size=page_size))
+        # keyed by (T, S, variant); the burst's advance by (T, S, "advance")
+        self._executables: dict[tuple[int, int, str], Any] = {}
+        self.warmup_seconds: dict[tuple[int, int, str], float] = {}
         self.warmed_up = False
         self.num_compiles_after_warmup = 0
         self.last_timing = (0.0, 0.0, 0.0)
@@ -108,33 +107,45 @@ class ModelRunner:
         )
         return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _as_dict(empty).items()}
 
-    def _compile(self, key: tuple[int, int, bool]) -> Any:
+    def _compile(self, key: tuple[int, int, str]) -> Any:
         start = time.perf_counter()
-        step = self._steps[key[2]]
-        executable = step.lower(self.params, self.kv, self._inputs_spec(*key[:2])).compile()
+        inputs = self._inputs_spec(*key[:2])
+        if key[2] == "advance":
+            row = jax.ShapeDtypeStruct((key[1],), jnp.int32)
+            step = jax.ShapeDtypeStruct((), jnp.int32)
+            lowered = self._advance.lower(inputs, row, row, row, step)
+        else:
+            lowered = self._steps[key[2]].lower(self.params, self.kv, inputs)
+        executable = lowered.compile()
         self.warmup_seconds[key] = time.perf_counter() - start
         self._executables[key] = executable
         return executable
 
-    def warmup(self, prompt_logprobs: bool = False) -> float:
-        """Compile every reachable bucket (and the prompt-logprobs variant when asked); returns
-        total seconds. Logs seconds per bucket."""
+    def _executable(self, key: tuple[int, int, str]) -> Any:
+        return self._executables.get(key) or self._compile(key)
+
+    def warmup(self, logprobs: bool = False, decode_bursts: bool = False) -> float:
+        """Compile every reachable bucket (the logprobs variants too when asked, and the burst
+        advance of every decode-only bucket); returns total seconds. Logs seconds per bucket."""
         total = 0.0
-        variants = (False, True) if prompt_logprobs else (False,)
-        for bucket in self.buckets.reachable():
-            for variant in variants:
-                key = (*bucket, variant)
-                if key not in self._executables:
-                    self._compile(key)
-                    total += self.warmup_seconds[key]
-                    logger.info("compiled bucket T=%d S=%d prompt_logprobs=%s in %.2fs",
-                                *key, self.warmup_seconds[key])  # fmt: skip
+        variants = VARIANTS if logprobs else ("plain",)
+        keys = [(*bucket, v) for bucket in self.buckets.reachable() for v in variants]
+        if decode_bursts:
+            keys += [(*bucket, "advance") for bucket in self.buckets.decode_buckets()]
+        for key in keys:
+            if key not in self._executables:
+                self._compile(key)
+                total += self.warmup_seconds[key]
+                logger.info("compiled T=%d S=%d %s in %.2fs", *key, self.warmup_seconds[key])
         self.warmed_up = True
         return total
 
     def run(self, plan: StepPlan) -> StepOutput:
-        """Execute one step: sampled ids for the plan's rows (meaningful where it samples),
-        and the logprob arrays when some request asked for them."""
+        """Execute one step (or a decode burst): sampled ids for the plan's rows (meaningful
+        where it samples; i32[n, burst_len] for a burst), and the logprob arrays when some
+        request asked for them."""
+        if plan.num_steps:
+            return self._run_burst(plan)
         start = time.perf_counter()
         want_prompt = any(
             i.seq.sampling_params.prompt_logprobs is not None
@@ -144,8 +155,9 @@ class ModelRunner:
         want_logprobs = any(
             i.sample and i.seq.sampling_params.logprobs is not None for i in plan.scheduled
         )
-        key = (*self.buckets.pick_bucket(plan.num_tokens, plan.num_seqs), want_prompt)
-        executable = self._executables.get(key) or self._compile(key)
+        variant = "prompt" if want_prompt else "logprobs" if want_logprobs else "plain"
+        key = (*self.buckets.pick_bucket(plan.num_tokens, plan.num_seqs), variant)
+        executable = self._executable(key)
         inputs = pack(
             plan,
             num_tokens_bucket=key[0],
@@ -167,6 +179,40 @@ class ModelRunner:
         self.last_timing = (packed - start, dispatched - packed, time.perf_counter() - dispatched)
         return result
 
+    def _run_burst(self, plan: StepPlan) -> StepOutput:
+        start = time.perf_counter()
+        n = plan.num_seqs
+        bucket = self.buckets.pick_bucket(n, n)
+        executable = self._executable((*bucket, "plain"))
+        advance_fn = self._executable((*bucket, "advance"))
+        inputs = pack(
+            plan,
+            num_tokens_bucket=bucket[0],
+            num_seqs_bucket=bucket[1],
+            page_size=self.page_size,
+            max_pages_per_seq=self.max_pages_per_seq,
+            default_seed=self.seed,
+        )
+        num_steps = np.zeros(bucket[1], np.int32)  # i32[S]
+        num_steps[:n] = plan.num_steps
+        min_tokens = np.zeros(bucket[1], np.int32)  # i32[S]
+        min_tokens[:n] = [i.seq.sampling_params.min_tokens for i in plan.scheduled]
+        step_inputs, num_steps, min_tokens, step = jax.device_put(
+            (_as_dict(inputs), num_steps, min_tokens, np.int32(0))
+        )
+        packed = time.perf_counter()
+        sampled = []
+        for j in range(plan.burst_len):
+            self.kv, out = executable(self.params, self.kv, step_inputs)
+            sampled.append(out["sampled"])
+            if j + 1 < plan.burst_len:
+                step_inputs, step = advance_fn(step_inputs, out["sampled"], num_steps,
+                                               min_tokens, step)  # fmt: skip
+        dispatched = time.perf_counter()
+        tokens = np.stack(jax.device_get(sampled), axis=1)[:n]  # i32[n, burst_len]; waits
+        self.last_timing = (packed - start, dispatched - packed, time.perf_counter() - dispatched)
+        return StepOutput(sampled=tokens, logprobs=None, prompt_logprobs=None)
+
     def fill_free_pages(self, page_ids: list[int], value: float = float("nan")) -> None:
         """Overwrite pages (e.g. every free one) with ``value``: a test hook for stray reads."""
         idx = jnp.asarray(page_ids, jnp.int32)
@@ -184,7 +230,7 @@ class ModelRunner:
 
 
 class StepOutput(NamedTuple):
-    sampled: np.ndarray  # i32[num_seqs]
+    sampled: np.ndarray  # i32[num_seqs]; a burst: i32[num_seqs, burst_len]
     logprobs: dict[str, np.ndarray] | None  # target f32[n], top_ids i32[n, K], top f32[n, K]
     prompt_logprobs: dict[str, np.ndarray] | None  # the same per packed token [num_tokens]
 

@@ -3,8 +3,12 @@ attention, logits at each sequence's last scheduled token, sample.
 
 One function serves prefill, decode and mixed batches; it is compiled once per (T, S) bucket
 with the KV state donated, so XLA scatters new K/V into the existing page buffers in place.
-The ``prompt_logprobs`` variant also scores every packed token against the next prompt token
-(an lm head over all T rows, so it is a separate executable, used only when asked for).
+Variants (each its own executable, picked per step by the runner): ``plain`` samples only;
+``logprobs`` also returns the sampled tokens' logprobs and the top MAX_LOGPROBS; ``prompt``
+adds scores of every packed token against the next prompt token (an lm head over all T rows).
+The step holds no data-dependent control flow (no ``lax.cond``): on GPU a conditional makes
+XLA copy its predicate to the host mid-step, which turns an asynchronous dispatch into a
+synchronous one.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from paged_jax.model.llama import Params, compute_logits, forward
 from paged_jax.model.sampler import sample
 from paged_jax.runtime.state import KVState
 
+VARIANTS = ("plain", "logprobs", "prompt")
 StepFn = Callable[[Params, KVState, dict[str, Any]], tuple[KVState, dict[str, jax.Array]]]
 
 
@@ -41,15 +46,17 @@ def make_step(
     *,
     attn_impl: str = "auto",
     eos_token_ids: tuple[int, ...] = (),
-    prompt_logprobs: bool = False,
+    variant: str = "plain",
 ) -> StepFn:
     """Build ``step(params, kv, inputs) -> (kv, outputs)`` (not yet jitted).
 
-    outputs: ``sampled`` i32[S]; ``logprobs`` (sampled tokens, raw model distribution; zeros
-    unless some row has ``want_logprobs``); with ``prompt_logprobs``, ``prompt`` scores of
-    every packed token against ``target_ids``. Rows flagged ``suppress_eos`` (fewer than
-    min_tokens outputs) cannot sample an EOS id.
+    outputs: ``sampled`` i32[S]; for the ``logprobs`` and ``prompt`` variants ``logprobs``
+    (of the sampled tokens under the raw model distribution); for ``prompt`` also ``prompt``,
+    scores of every packed token against ``target_ids``. Rows flagged ``suppress_eos`` (fewer
+    than min_tokens outputs) cannot sample an EOS id.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"{variant=} must be one of {VARIANTS}")
     sm_scale = cfg.head_dim**-0.5
     eos_ids = jnp.asarray([t for t in eos_token_ids if 0 <= t < cfg.vocab_size], jnp.int32)
 
@@ -93,21 +100,10 @@ def make_step(
             inputs["seeds"],
             inputs["sample_positions"],
         )
-        num_rows = logits.shape[0]
-        zeros = {
-            "target": jnp.zeros((num_rows,), jnp.float32),
-            "top_ids": jnp.zeros((num_rows, MAX_LOGPROBS), jnp.int32),
-            "top": jnp.zeros((num_rows, MAX_LOGPROBS), jnp.float32),
-        }
-        outputs = {
-            "sampled": sampled,
-            "logprobs": jax.lax.cond(
-                jnp.any(inputs["want_logprobs"]),
-                lambda: top_logprobs(logits, sampled),
-                lambda: zeros,
-            ),
-        }
-        if prompt_logprobs:
+        outputs = {"sampled": sampled}
+        if variant != "plain":
+            outputs["logprobs"] = top_logprobs(logits, sampled)
+        if variant == "prompt":
             all_logits = compute_logits(params, cfg, hidden)  # f32[T, V]
             outputs["prompt"] = top_logprobs(all_logits, inputs["target_ids"])
         return KVState(k_pages=k_pages, v_pages=v_pages), outputs
