@@ -99,12 +99,15 @@ SWEEP = [
     "decode:decode_stages=3",
     "decode:decode_kv_tokens=64,decode_stages=3",
     "decode:prefetch_pages=False",
-    "prefill:prefill_stages=3",
-    "prefill:prefill_rows=128,prefill_warps=8,prefill_stages=3",
-    "prefill:prefill_rows=128,prefill_warps=4,prefill_stages=3",
-    "prefill:prefill_kv_tokens=128,prefill_stages=3",
-    "prefill:split_masks=False,prefill_stages=3",
-    "prefill:prefetch_pages=False,prefill_stages=3",
+    "prefill:prefill_stages=2",
+    "prefill:prefill_stages=4",
+    "prefill:prefill_kv_tokens=32,prefill_stages=4",
+    "prefill:prefill_warps=8",
+    "prefill:prefill_rows=128,prefill_warps=8",
+    "prefill:prefill_rows=128,prefill_warps=8,prefill_stages=2",
+    "prefill:prefill_rows=128,prefill_warps=8,prefill_kv_tokens=32,prefill_stages=4",
+    "prefill:split_masks=False",
+    "prefill:prefetch_pages=False",
 ]
 
 

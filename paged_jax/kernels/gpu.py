@@ -40,6 +40,7 @@ from paged_jax.kernels.common import AttentionShape, check_attention_args
 
 _MASKED = -1e30  # running-max floor: finite, so exp(m_old - m_new) never sees inf - inf
 _LOG2E = 1.4426950408889634
+_SHARED_BUDGET = 200 * 1024  # bytes per program: under the 227 KiB of an H100/H200
 _MAX_SCALAR_PAGES = 16  # more pages per loop step than this: one vector load of page ids
 
 
@@ -61,7 +62,7 @@ class GpuBlockSizes:
     prefill_kv_tokens: int = 64
     prefill_rows: int = 64  # matmul rows (q tokens x group heads) of a prefill tile
     prefill_warps: int = 4
-    prefill_stages: int = 2
+    prefill_stages: int = 3
     split_masks: bool = True  # unmasked loop over fully visible blocks, masked loop for the rest
     prefetch_pages: bool = True  # load the next block's page ids one loop step ahead
 
@@ -303,6 +304,22 @@ def _kernel(
     plgpu.store(o_ref.at[st_row[:, None], lanes], out.astype(o_ref.dtype), mask=st_mask)
 
 
+def _fit_shared(
+    kv_tokens: int, stages: int, rows: int, head_dim: int, itemsize: int, page_size: int
+) -> tuple[int, int]:
+    """(kv tokens per loop step, stages) whose K/V buffers and q tile fit in shared memory."""
+    kv_tokens = max(1, kv_tokens // page_size) * page_size  # whole pages
+
+    def smem(tokens: int, n: int) -> int:  # Triton keeps up to `stages` K/V buffers
+        return (n * 2 * tokens + rows) * head_dim * itemsize
+
+    while kv_tokens > max(page_size, 16) and smem(kv_tokens, stages) > _SHARED_BUDGET:
+        kv_tokens //= 2  # f32 with head_dim 128: a 128-token block is 128 KiB of K+V
+    while stages > 1 and smem(kv_tokens, stages) > _SHARED_BUDGET:
+        stages -= 1
+    return kv_tokens, stages
+
+
 def _num_splits(shape: AttentionShape, pages_per_block: int, target: int, max_splits: int) -> int:
     blocks = -(-shape.pages_per_seq // pages_per_block)
     programs = shape.max_num_seqs * shape.num_kv_heads
@@ -367,16 +384,23 @@ def ragged_paged_attention(
     dec_warps = sizes.small_batch_warps if small else sizes.decode_warps
     dec_stages = sizes.small_batch_stages if small else sizes.decode_stages
     dec_target = sizes.small_batch_target if small else sizes.target_programs
-    dec_ppb = max(1, sizes.decode_kv_tokens // ps)
+    isz = q.dtype.itemsize
     dec_rows = max(16, group_pad)
+    dec_kv, dec_stages = _fit_shared(
+        sizes.decode_kv_tokens, dec_stages, dec_rows, head_dim, isz, ps
+    )
+    dec_ppb = dec_kv // ps
     dec = _Tile(
         decode=True, rows=dec_rows, tokens=dec_rows // group_pad, pages_per_block=dec_ppb,
         num_splits=_num_splits(shape, dec_ppb, dec_target, sizes.max_splits), **common,
     )  # fmt: skip
     pre_rows = max(16, group_pad, _pow2_ceil(sizes.prefill_rows))
+    pre_kv, pre_stages = _fit_shared(
+        sizes.prefill_kv_tokens, sizes.prefill_stages, pre_rows, head_dim, isz, ps
+    )
     pre = _Tile(
         decode=False, rows=pre_rows, tokens=pre_rows // group_pad, num_splits=1,
-        pages_per_block=max(1, sizes.prefill_kv_tokens // ps), **common,
+        pages_per_block=pre_kv // ps, **common,
     )  # fmt: skip
     # Output rows: token * Hq + head, plus (interpreter only) spare rows for masked stores.
     num_rows = num_tokens * num_q_heads + (max(dec_rows, pre_rows) if interpret else 0)
@@ -429,7 +453,7 @@ def ragged_paged_attention(
     # adds at most one partial tile; there are at most min(S, T // 2) chunks).
     num_tiles = -(-num_tokens // pre.tokens) + min(s_max, num_tokens // 2) + 1
     out = call(
-        pre, (num_tiles, hkv, 1), out_shape, sizes.prefill_warps, sizes.prefill_stages,
+        pre, (num_tiles, hkv, 1), out_shape, sizes.prefill_warps, pre_stages,
         extra=(out,), aliases={len(meta) + len(flat): 0},
     )  # fmt: skip
     return out[: num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
