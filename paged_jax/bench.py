@@ -354,7 +354,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "copy": copy,
         "compiles_after_warmup": stats["compiles_after_warmup"],
         "warmup_seconds": llm.warmup_seconds,
-        "warmup_buckets": sum(k[2] != "advance" for k in llm.runner.warmup_seconds),
+        "warmup_buckets": sum(k[2] in ("plain", "prompt") for k in llm.runner.warmup_seconds),
         "load_seconds": stats["load_seconds"],
         "init_seconds": init_s,
         "series": _series(llm, start),
@@ -421,7 +421,7 @@ def write_plot(r: dict[str, Any], path: Path) -> bool:
     s = {k: [np.nan if v is None else v for v in vs] for k, vs in r["series"].items()}
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
     top.plot(s["t_s"], s["tokens_per_s"], label="scheduled tok/s (prompt + output)")
-    top.plot(s["t_s"], s["output_tokens_per_s"], label="output tok/s (sequences per step)")
+    top.plot(s["t_s"], s["output_tokens_per_s"], label="output tok/s")
     top.set_ylabel("tokens / s")
     top.legend(loc="upper right")
     top.set_title(f"{r['args']['model']} ({r['mode']}), {r['device']}")

@@ -85,3 +85,22 @@ def test_seed_and_position_determine_the_draw():
     assert b[0] == a[0]  # the same row alone gives the same token
     c = _sample(logits[:1], 1.0, seeds=seeds[:1], positions=jnp.asarray([4], jnp.int32))
     assert c[0] != a[0]
+
+
+def test_without_filters_the_draw_is_the_same():
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.standard_normal((16, 300)).astype(np.float32))
+    n = logits.shape[0]
+    args = (
+        logits,
+        jnp.asarray(np.where(np.arange(n) % 3 == 0, 0.0, 0.7), jnp.float32),
+        jnp.full(n, -1, jnp.int32),
+        jnp.ones(n, jnp.float32),
+        jnp.zeros(n, jnp.float32),
+        jnp.arange(n, dtype=jnp.uint32),
+        jnp.arange(n, dtype=jnp.int32),
+    )
+    filtered = np.asarray(sample(*args, use_filter=True))
+    plain = np.asarray(sample(*args, use_filter=False))
+    np.testing.assert_array_equal(filtered, plain)
+    assert (plain != np.asarray(logits).argmax(-1)).sum() > 4  # it did sample

@@ -6,7 +6,10 @@ draws the same tokens whatever else shares its batch or however often it was pre
 
 Filters need no sort of the vocabulary: the top-k and top-p cut-offs are thresholds found by
 bisection (a few dozen masked reductions over [S, V]), which is cheaper than a per-row sort
-on every backend and far cheaper on CPU. An all-greedy batch skips the random draw entirely.
+on every backend and far cheaper on CPU. There is no data-dependent control flow (the loop is
+unrolled, no ``lax.cond``): on GPU either would make XLA read a predicate back to the host and
+so block the dispatching thread. Whether a batch needs the draw or the filters at all is the
+caller's static choice (the runner compiles one selector per case).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def _largest_threshold(values: jax.Array, lo: jax.Array, hi: jax.Array, enough) 
         ok = enough(values >= mid[:, None])
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-    lo, _ = jax.lax.fori_loop(0, _BISECT_STEPS, body, (lo, hi))
+    lo, _ = jax.lax.fori_loop(0, _BISECT_STEPS, body, (lo, hi), unroll=True)
     return lo
 
 
@@ -77,23 +80,20 @@ def sample(
     min_p: jax.Array,
     seeds: jax.Array,
     positions: jax.Array,
+    *,
+    use_filter: bool = True,
 ) -> jax.Array:
-    """Sample one token per row.
+    """Sample one token per row (rows with temperature 0 take the argmax). ``use_filter=False``
+    skips top-k / top-p / min-p, for batches where no sampled row sets them.
 
     logits f32[S, V]; temperature/top_p/min_p f32[S]; top_k i32[S]; seeds u32[S];
     positions i32[S] -> i32[S]
     """
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     is_greedy = temperature <= 0.0
-
-    def draw() -> jax.Array:
-        scaled = logits / jnp.where(is_greedy, 1.0, temperature)[:, None]
-        needs_filter = jnp.any(~is_greedy & ((top_k > 0) | (top_p < 1.0) | (min_p > 0.0)))
-        scaled = jax.lax.cond(
-            needs_filter, lambda: filter_logits(scaled, top_k, top_p, min_p), lambda: scaled
-        )
-        keys = _row_keys(seeds, positions)
-        sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-        return jnp.where(is_greedy, greedy_ids, sampled)
-
-    return jax.lax.cond(jnp.all(is_greedy), lambda: greedy_ids, draw)
+    scaled = logits / jnp.where(is_greedy, 1.0, temperature)[:, None]
+    if use_filter:
+        scaled = filter_logits(scaled, top_k, top_p, min_p)
+    keys = _row_keys(seeds, positions)
+    sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    return jnp.where(is_greedy, greedy_ids, sampled)

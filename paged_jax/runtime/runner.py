@@ -9,9 +9,11 @@ every backend compile is counted (``num_compiles_after_warmup``) — it must sta
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Any, NamedTuple
 
@@ -25,6 +27,7 @@ from paged_jax.model.llama import Params
 from paged_jax.runtime.buckets import Buckets
 from paged_jax.runtime.burst import advance
 from paged_jax.runtime.pack import StepInputs, pack
+from paged_jax.runtime.select import GREEDY, SELECT_INPUTS, SelectMode, make_select, select_mode
 from paged_jax.runtime.state import KVState
 from paged_jax.runtime.step import VARIANTS, make_step
 
@@ -88,9 +91,12 @@ class ModelRunner:
             for variant in VARIANTS
         }
         self._advance = jax.jit(functools.partial(advance, page_size=page_size))
-        # keyed by (T, S, variant); the burst's advance by (T, S, "advance")
-        self._executables: dict[tuple[int, int, str], Any] = {}
-        self.warmup_seconds: dict[tuple[int, int, str], float] = {}
+        self._select = functools.partial(make_select, eos_token_ids=eos_token_ids,
+                                         vocab_size=cfg.vocab_size)  # fmt: skip
+        # Keyed by (T, S, kind): kind is a step variant, "advance" (a burst's next inputs) or a
+        # SelectMode (then T is 0: a selector depends on S only).
+        self._executables: dict[tuple[int, int, Any], Any] = {}
+        self.warmup_seconds: dict[tuple[int, int, Any], float] = {}
         self.warmed_up = False
         self.num_compiles_after_warmup = 0
         self.last_timing = (0.0, 0.0, 0.0)
@@ -107,84 +113,73 @@ class ModelRunner:
         )
         return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _as_dict(empty).items()}
 
-    def _compile(self, key: tuple[int, int, str]) -> Any:
-        start = time.perf_counter()
-        inputs = self._inputs_spec(*key[:2])
-        if key[2] == "advance":
-            row = jax.ShapeDtypeStruct((key[1],), jnp.int32)
-            step = jax.ShapeDtypeStruct((), jnp.int32)
-            lowered = self._advance.lower(inputs, row, row, row, step)
+    def _lower(self, key: tuple[int, int, Any]) -> Any:
+        num_tokens, num_seqs, kind = key
+        inputs = self._inputs_spec(max(num_tokens, num_seqs), num_seqs)
+        row = jax.ShapeDtypeStruct((num_seqs,), jnp.int32)
+        if isinstance(kind, SelectMode):
+            logits = jax.ShapeDtypeStruct((num_seqs, self.cfg.vocab_size), jnp.float32)
+            chosen = {k: inputs[k] for k in SELECT_INPUTS}
+            lowered = jax.jit(self._select(kind)).lower(logits, row, chosen)
+        elif kind == "advance":
+            lowered = self._advance.lower(
+                inputs, row, row, row, jax.ShapeDtypeStruct((), jnp.int32)
+            )
         else:
-            lowered = self._steps[key[2]].lower(self.params, self.kv, inputs)
-        executable = lowered.compile()
+            lowered = self._steps[kind].lower(self.params, self.kv, inputs)
+        return lowered
+
+    def _compile(self, key: tuple[int, int, Any], lowered: Any = None) -> Any:
+        start = time.perf_counter()
+        executable = (lowered or self._lower(key)).compile()
         self.warmup_seconds[key] = time.perf_counter() - start
         self._executables[key] = executable
         return executable
 
-    def _executable(self, key: tuple[int, int, str]) -> Any:
+    def _executable(self, key: tuple[int, int, Any]) -> Any:
         return self._executables.get(key) or self._compile(key)
 
     def warmup(self, logprobs: bool = False, decode_bursts: bool = False) -> float:
-        """Compile every reachable bucket (the logprobs variants too when asked, and the burst
-        advance of every decode-only bucket); returns total seconds. Logs seconds per bucket."""
-        total = 0.0
+        """Compile every reachable bucket, the selectors that sample (and the logprobs step and
+        selectors when asked), and the burst advance of every decode-only bucket; returns the
+        wall seconds. Tracing is serial; XLA compiles on a thread per CPU core. Logs seconds
+        per executable."""
+        start = time.perf_counter()
         variants = VARIANTS if logprobs else ("plain",)
-        keys = [(*bucket, v) for bucket in self.buckets.reachable() for v in variants]
+        reachable = self.buckets.reachable()
+        keys = [(*bucket, v) for bucket in reachable for v in variants]
+        modes = [SelectMode(True, False, False), SelectMode(True, True, False)]
+        if logprobs:
+            modes += [m._replace(logprobs=True) for m in (GREEDY, *modes)]
+        keys += [(0, s, m) for s in sorted({s for _, s in reachable}) for m in modes]
         if decode_bursts:
             keys += [(*bucket, "advance") for bucket in self.buckets.decode_buckets()]
-        for key in keys:
-            if key not in self._executables:
-                self._compile(key)
-                total += self.warmup_seconds[key]
+        lowered = {key: self._lower(key) for key in keys if key not in self._executables}
+        workers = max(1, min(len(lowered), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for key in pool.map(lambda kv: self._compile(*kv) and kv[0], lowered.items()):
                 logger.info("compiled T=%d S=%d %s in %.2fs", *key, self.warmup_seconds[key])
         self.warmed_up = True
-        return total
+        return time.perf_counter() - start
 
     def run(self, plan: StepPlan) -> StepOutput:
         """Execute one step (or a decode burst): sampled ids for the plan's rows (meaningful
         where it samples; i32[n, burst_len] for a burst), and the logprob arrays when some
         request asked for them."""
-        if plan.num_steps:
-            return self._run_burst(plan)
         start = time.perf_counter()
+        n = plan.num_seqs
         want_prompt = any(
             i.seq.sampling_params.prompt_logprobs is not None
             and i.start_position < i.seq.num_prompt_tokens - 1
             for i in plan.scheduled
         )
-        want_logprobs = any(
-            i.sample and i.seq.sampling_params.logprobs is not None for i in plan.scheduled
-        )
-        variant = "prompt" if want_prompt else "logprobs" if want_logprobs else "plain"
-        key = (*self.buckets.pick_bucket(plan.num_tokens, plan.num_seqs), variant)
-        executable = self._executable(key)
-        inputs = pack(
-            plan,
-            num_tokens_bucket=key[0],
-            num_seqs_bucket=key[1],
-            page_size=self.page_size,
-            max_pages_per_seq=self.max_pages_per_seq,
-            default_seed=self.seed,
-        )
-        packed = time.perf_counter()
-        self.kv, out = executable(self.params, self.kv, _as_dict(inputs))
-        dispatched = time.perf_counter()
-        n, t = plan.num_seqs, plan.num_tokens
-        result = StepOutput(
-            sampled=np.asarray(out["sampled"])[:n],  # waits for the device
-            logprobs=_fetch(out["logprobs"], n) if want_logprobs else None,
-            prompt_logprobs=_fetch(out["prompt"], t) if want_prompt else None,
-        )
-        # host seconds packing, host seconds dispatching, seconds waiting for the device
-        self.last_timing = (packed - start, dispatched - packed, time.perf_counter() - dispatched)
-        return result
-
-    def _run_burst(self, plan: StepPlan) -> StepOutput:
-        start = time.perf_counter()
-        n = plan.num_seqs
-        bucket = self.buckets.pick_bucket(n, n)
-        executable = self._executable((*bucket, "plain"))
-        advance_fn = self._executable((*bucket, "advance"))
+        if plan.num_steps:  # a decode burst: one token per sequence
+            bucket = self.buckets.pick_bucket(n, n)
+        else:
+            bucket = self.buckets.pick_bucket(plan.num_tokens, n)
+        step = self._executable((*bucket, "prompt" if want_prompt else "plain"))
+        mode = select_mode(plan)
+        select = None if mode == GREEDY else self._executable((0, bucket[1], mode))
         inputs = pack(
             plan,
             num_tokens_bucket=bucket[0],
@@ -193,25 +188,51 @@ class ModelRunner:
             max_pages_per_seq=self.max_pages_per_seq,
             default_seed=self.seed,
         )
-        num_steps = np.zeros(bucket[1], np.int32)  # i32[S]
-        num_steps[:n] = plan.num_steps
-        min_tokens = np.zeros(bucket[1], np.int32)  # i32[S]
-        min_tokens[:n] = [i.seq.sampling_params.min_tokens for i in plan.scheduled]
-        step_inputs, num_steps, min_tokens, step = jax.device_put(
-            (_as_dict(inputs), num_steps, min_tokens, np.int32(0))
-        )
+        inputs = jax.device_put(_as_dict(inputs))
+        if plan.num_steps:
+            advance_fn = self._executable((*bucket, "advance"))
+            burst = self._burst_state(plan, bucket)
         packed = time.perf_counter()
-        sampled = []
+        sampled, logprobs, prompt = [], None, None
         for j in range(plan.burst_len):
-            self.kv, out = executable(self.params, self.kv, step_inputs)
-            sampled.append(out["sampled"])
+            self.kv, out = step(self.params, self.kv, inputs)
+            chosen = {"sampled": out["greedy"]}
+            if select is not None:
+                chosen = select(out["logits"], out["greedy"], {k: inputs[k] for k in SELECT_INPUTS})
+            sampled.append(chosen["sampled"])
+            logprobs, prompt = chosen.get("logprobs"), out.get("prompt")
             if j + 1 < plan.burst_len:
-                step_inputs, step = advance_fn(step_inputs, out["sampled"], num_steps,
-                                               min_tokens, step)  # fmt: skip
+                inputs, burst["step"] = advance_fn(
+                    inputs,
+                    chosen["sampled"],
+                    burst["num_steps"],
+                    burst["min_tokens"],
+                    burst["step"],
+                )
         dispatched = time.perf_counter()
         tokens = np.stack(jax.device_get(sampled), axis=1)[:n]  # i32[n, burst_len]; waits
+        result = StepOutput(
+            sampled=tokens if plan.num_steps else tokens[:, 0],
+            logprobs=_fetch(logprobs, n) if logprobs is not None else None,
+            prompt_logprobs=_fetch(prompt, plan.num_tokens) if prompt is not None else None,
+        )
+        # host seconds packing, host seconds dispatching, seconds waiting for the device
         self.last_timing = (packed - start, dispatched - packed, time.perf_counter() - dispatched)
-        return StepOutput(sampled=tokens, logprobs=None, prompt_logprobs=None)
+        return result
+
+    def _burst_state(self, plan: StepPlan, bucket: tuple[int, int]) -> dict[str, jax.Array]:
+        """advance's per-burst arguments, on the device: steps per row, min_tokens, step 0."""
+        num_steps = np.zeros(bucket[1], np.int32)  # i32[S]
+        num_steps[: plan.num_seqs] = plan.num_steps
+        min_tokens = np.zeros(bucket[1], np.int32)  # i32[S]
+        min_tokens[: plan.num_seqs] = [i.seq.sampling_params.min_tokens for i in plan.scheduled]
+        return dict(
+            zip(
+                ("num_steps", "min_tokens", "step"),
+                jax.device_put((num_steps, min_tokens, np.int32(0))),
+                strict=True,
+            )
+        )
 
     def fill_free_pages(self, page_ids: list[int], value: float = float("nan")) -> None:
         """Overwrite pages (e.g. every free one) with ``value``: a test hook for stray reads."""

@@ -1,14 +1,13 @@
 """The jitted engine step: embed, per layer write K/V into pages and run ragged paged
-attention, logits at each sequence's last scheduled token, sample.
+attention, logits at each sequence's last scheduled token, and their argmax.
 
 One function serves prefill, decode and mixed batches; it is compiled once per (T, S) bucket
 with the KV state donated, so XLA scatters new K/V into the existing page buffers in place.
-Variants (each its own executable, picked per step by the runner): ``plain`` samples only;
-``logprobs`` also returns the sampled tokens' logprobs and the top MAX_LOGPROBS; ``prompt``
-adds scores of every packed token against the next prompt token (an lm head over all T rows).
-The step holds no data-dependent control flow (no ``lax.cond``): on GPU a conditional makes
-XLA copy its predicate to the host mid-step, which turns an asynchronous dispatch into a
-synchronous one.
+The ``prompt`` variant (its own executable, used only when asked for) also scores every packed
+token against the next prompt token (an lm head over all T rows). Random draws and logprobs of
+sampled tokens happen after the step (``runtime.select``), so the step holds no data-dependent
+control flow: on GPU a ``lax.cond`` makes XLA read its predicate back mid-step, which turns an
+asynchronous dispatch into a synchronous one.
 """
 
 from __future__ import annotations
@@ -19,26 +18,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from paged_jax.engine.sampling_params import MAX_LOGPROBS
 from paged_jax.kernels import ragged_paged_attention, write_kv
 from paged_jax.model.config import ModelConfig
 from paged_jax.model.llama import Params, compute_logits, forward
-from paged_jax.model.sampler import sample
+from paged_jax.runtime.select import mask_eos, top_logprobs
 from paged_jax.runtime.state import KVState
 
-VARIANTS = ("plain", "logprobs", "prompt")
+VARIANTS = ("plain", "prompt")
 StepFn = Callable[[Params, KVState, dict[str, Any]], tuple[KVState, dict[str, jax.Array]]]
-
-
-def top_logprobs(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
-    """Log-probabilities of ``targets`` and the MAX_LOGPROBS most likely tokens per row.
-
-    logits f32[N, V]; targets i32[N] -> target f32[N], top_ids i32[N, K], top f32[N, K]
-    """
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    top, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
-    target = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
-    return {"target": target, "top_ids": top_ids.astype(jnp.int32), "top": top}
 
 
 def make_step(
@@ -50,10 +37,10 @@ def make_step(
 ) -> StepFn:
     """Build ``step(params, kv, inputs) -> (kv, outputs)`` (not yet jitted).
 
-    outputs: ``sampled`` i32[S]; for the ``logprobs`` and ``prompt`` variants ``logprobs``
-    (of the sampled tokens under the raw model distribution); for ``prompt`` also ``prompt``,
-    scores of every packed token against ``target_ids``. Rows flagged ``suppress_eos`` (fewer
-    than min_tokens outputs) cannot sample an EOS id.
+    outputs: ``logits`` f32[S, V] (raw, at each sequence's last token); ``greedy`` i32[S], their
+    argmax with EOS ids masked in rows flagged ``suppress_eos`` (fewer than min_tokens outputs);
+    for the ``prompt`` variant also ``prompt``, scores of every packed token against
+    ``target_ids``.
     """
     if variant not in VARIANTS:
         raise ValueError(f"{variant=} must be one of {VARIANTS}")
@@ -87,22 +74,8 @@ def make_step(
             params, cfg, inputs["token_ids"], inputs["positions"], (kv.k_pages, kv.v_pages), attn_fn
         )
         logits = compute_logits(params, cfg, hidden[inputs["logits_indices"]])  # f32[S, V]
-        masked = logits
-        if eos_ids.size:
-            no_eos = logits.at[:, eos_ids].set(-jnp.inf)
-            masked = jnp.where(inputs["suppress_eos"][:, None], no_eos, logits)
-        sampled = sample(
-            masked,
-            inputs["temperature"],
-            inputs["top_k"],
-            inputs["top_p"],
-            inputs["min_p"],
-            inputs["seeds"],
-            inputs["sample_positions"],
-        )
-        outputs = {"sampled": sampled}
-        if variant != "plain":
-            outputs["logprobs"] = top_logprobs(logits, sampled)
+        greedy = jnp.argmax(mask_eos(logits, inputs["suppress_eos"], eos_ids), axis=-1)
+        outputs = {"logits": logits, "greedy": greedy.astype(jnp.int32)}
         if variant == "prompt":
             all_logits = compute_logits(params, cfg, hidden)  # f32[T, V]
             outputs["prompt"] = top_logprobs(all_logits, inputs["target_ids"])
