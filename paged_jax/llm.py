@@ -175,12 +175,14 @@ class LLM:
             req, seq = live[item.seq.seq_id], item.seq
             num_new = seq.num_output_tokens - item.sample_position  # > 1 only in a burst
             num_sampled += num_new
+            touched.append(req)
+            if not seq.sampling_params.detokenize:
+                continue
             for j in range(num_new):
                 last = j == num_new - 1
                 index = item.sample_position + j
                 if not self._on_token(req, index, seq.seq_id in finished and last):
                     break  # a stop string: the tokens after it are gone
-            touched.append(req)
         end = time.perf_counter()
         self._record(plan, num_sampled, start, scheduled, ran, end)
         return touched
@@ -194,8 +196,9 @@ class LLM:
         kv_tokens = sum(i.kv_len for i in plan.scheduled)
         if plan.num_steps:  # every row computes each step; idle rows re-read their K/V
             computed = plan.num_seqs * burst
+            # step j reads kv_len + min(j, n - 1) tokens of a row with n steps
             kv_tokens = sum(
-                burst * i.kv_len + sum(min(j, n - 1) for j in range(burst))
+                burst * i.kv_len + n * (n - 1) // 2 + (burst - n) * (n - 1)
                 for i, n in zip(plan.scheduled, plan.num_steps, strict=True)
             )
         s = self._stats

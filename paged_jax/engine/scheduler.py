@@ -161,18 +161,23 @@ class Scheduler:
             if not item.sample:
                 continue
             token_ids = sampled[: plan.num_steps[row]] if plan.num_steps else [sampled]
-            for j, token_id in enumerate(token_ids):
-                if j:  # the burst's step j computed the K/V of the token sampled before it
-                    seq.num_computed_tokens += 1
-                token_id = int(token_id)
-                seq.append_token(token_id)
-                if seq.first_token_time is None:
-                    seq.first_token_time = now
-                stop = self._check_stop(seq, token_id)
-                if stop is not None:
-                    self._finish(seq, stop[0], stop[1], now)
-                    finished.append(seq)
-                    break
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            params = seq.sampling_params
+            if params.stop_token_ids or (self.eos_token_ids and not params.ignore_eos):
+                stop = None
+                for j, token_id in enumerate(token_ids):  # token by token: an id may stop it
+                    seq.num_computed_tokens += j > 0  # step j computed token j - 1's K/V
+                    seq.append_token(token_id)
+                    if stop := self._check_stop(seq, int(token_id)):
+                        break
+            else:  # only lengths stop it, and num_steps keeps them to the last token
+                seq.token_ids.extend(int(t) for t in token_ids)
+                seq.num_computed_tokens += len(token_ids) - 1
+                stop = self._check_stop(seq, seq.token_ids[-1])
+            if stop is not None:
+                self._finish(seq, stop[0], stop[1], now)
+                finished.append(seq)
         return finished
 
     def finish(

@@ -14,6 +14,7 @@ requests get a seed derived from their request id (and the engine's `default_see
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 
 import numpy as np
@@ -51,7 +52,12 @@ def request_seed(seq: Sequence, default_seed: int = 0) -> int:
     seed = seq.sampling_params.seed
     if seed is not None:
         return seed & _UINT32_MASK
-    return zlib.crc32(seq.request_id.encode(), default_seed & _UINT32_MASK)
+    return _id_seed(seq.request_id, default_seed & _UINT32_MASK)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _id_seed(request_id: str, default_seed: int) -> int:
+    return zlib.crc32(request_id.encode(), default_seed)
 
 
 def pack(
@@ -72,10 +78,11 @@ def pack(
     T, S = num_tokens_bucket, num_seqs_bucket
 
     page_tables = np.full((S, max_pages_per_seq), NULL_PAGE, np.int32)
+    page_ids: list[int] = []  # every row's page table, concatenated
     token_ids: list[int] = []
     targets = np.zeros(T, np.int32)  # i32[T]
     per_seq: list[tuple] = []  # per sequence: q_len, kv_len, sampling values
-    for row, item in enumerate(plan.scheduled):
+    for item in plan.scheduled:
         num_pages = len(item.page_ids)
         if num_pages > max_pages_per_seq:
             raise ValueError(
@@ -90,7 +97,7 @@ def pack(
             stop = min(item.kv_len, item.seq.num_prompt_tokens - 1) - item.start_position
             for i in range(max(stop, 0)):
                 targets[start + i] = item.seq.token_ids[item.start_position + i + 1]
-        page_tables[row, :num_pages] = item.page_ids
+        page_ids.extend(item.page_ids)
         params = item.seq.sampling_params
         per_seq.append(
             (
@@ -107,6 +114,12 @@ def pack(
             )
         )
     columns = list(zip(*per_seq, strict=True)) if per_seq else [()] * 10
+    # One scatter for all page tables: row r's pages go to columns 0..len-1.
+    num_pages_per_row = np.fromiter((len(i.page_ids) for i in plan.scheduled), np.int64, num_seqs)
+    table_rows = np.repeat(np.arange(num_seqs), num_pages_per_row)
+    row_starts = np.cumsum(num_pages_per_row) - num_pages_per_row
+    table_cols = np.arange(len(page_ids)) - np.repeat(row_starts, num_pages_per_row)
+    page_tables[table_rows, table_cols] = page_ids
 
     def column(index: int, dtype: type, pad: float) -> np.ndarray:
         out = np.full(S, pad, dtype)  # [S]
