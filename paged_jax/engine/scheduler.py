@@ -12,12 +12,9 @@ never a victim of another, so it always progresses. Admission leaves one free pa
 sequence, so that the next steps' decodes need not at once preempt the newcomer; no admission
 happens in a step that preempted.
 
-Decode bursts (``decode_steps`` > 1): a plan of one-token decodes only (nothing admitted, no
-prefill chunk, no preemption, no logprobs asked for) becomes a burst of up to decode_steps
-steps, each sequence capped by its own max_tokens and max_model_len, with the pages for those
-tokens allocated up front; when free pages cannot cover the burst it is halved, down to an
-ordinary step. Tokens past a stop (EOS, stop id or string) are dropped by ``update`` / the
-caller, so the output is token for token that of single steps.
+With ``decode_steps`` > 1 a decode-only plan may become a burst (``engine.burst``); ``update``
+then applies each sequence's tokens in order and drops those past a stop, so the output is
+token for token that of single steps.
 """
 
 from __future__ import annotations
@@ -29,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as SequenceOf
 
+from paged_jax.engine.burst import plan_burst
 from paged_jax.engine.outputs import FinishReason
 from paged_jax.engine.page_allocator import PageAllocator
 from paged_jax.engine.plan import ScheduledSeq, StepPlan
@@ -134,10 +132,14 @@ class Scheduler:
                 self._schedule_running(seq, builder)
         if not builder.preempted:  # re-admitting now would only preempt again
             self._admit_waiting(builder)
-        plan = StepPlan(tuple(builder.items.values()), tuple(builder.preempted))
-        if self.config.decode_steps > 1 and not plan.preempted:
-            plan = self._as_burst(plan)
-        return plan
+        cfg = self.config
+        return plan_burst(
+            StepPlan(tuple(builder.items.values()), tuple(builder.preempted)),
+            self.allocator,
+            decode_steps=cfg.decode_steps,
+            max_model_len=cfg.max_model_len,
+            page_size=cfg.page_size,
+        )
 
     def update(
         self, plan: StepPlan, sampled_token_ids: SequenceOf[int] | SequenceOf[SequenceOf[int]]
@@ -257,45 +259,6 @@ class Scheduler:
             sample_position=len(token_ids) - seq.num_prompt_tokens,
         )
         builder.budget -= num_new_tokens
-
-    def _as_burst(self, plan: StepPlan) -> StepPlan:
-        """The plan as a decode burst when it qualifies and free pages allow (else unchanged)."""
-        cfg = self.config
-        items = plan.scheduled
-        for item in items:
-            params = item.seq.sampling_params
-            if item.num_new_tokens != 1 or not item.sample:
-                return plan
-            if params.logprobs is not None or params.prompt_logprobs is not None:
-                return plan
-        caps = [
-            min(
-                item.seq.sampling_params.max_tokens - item.seq.num_output_tokens,
-                cfg.max_model_len - item.seq.num_tokens,
-            )
-            for item in items
-        ]  # tokens each sequence may still sample (>= 1 while it runs)
-        num_free = self.allocator.num_free_pages
-        burst = cfg.decode_steps
-        while burst > 1:
-            steps = [max(1, min(burst, cap)) for cap in caps]
-            # Step j writes the K/V of position kv_len - 1 + j.
-            extra = [
-                max(0, cdiv(item.kv_len - 1 + n, cfg.page_size) - len(item.page_ids))
-                for item, n in zip(items, steps, strict=True)
-            ]
-            if sum(extra) <= num_free:
-                break
-            burst //= 2
-        if burst < 2 or max(steps) < 2:
-            return plan
-        scheduled = []
-        for item, num_extra in zip(items, extra, strict=True):
-            if num_extra:
-                item.seq.page_ids.extend(self.allocator.allocate(num_extra))
-                item = dataclasses.replace(item, page_ids=tuple(item.seq.page_ids))
-            scheduled.append(item)
-        return StepPlan(tuple(scheduled), plan.preempted, tuple(steps))
 
     def _preempt(self, seq: Sequence, builder: _PlanBuilder) -> None:
         self._running.remove(seq)
