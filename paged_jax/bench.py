@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from paged_jax.io.jsonl import json_objects
+
 logger = logging.getLogger(__name__)
 
 # Lognormal lengths, rounded and clipped to [MIN_LEN, MAX_LEN]: exp(N(log(median), sigma^2)).
@@ -73,21 +75,13 @@ def read_jsonl(path: str, max_tokens: int | None) -> Workload:
     """Requests of a JSONL file: ``prompt_token_ids`` or ``prompt`` (text), optional
     ``max_tokens``. ValueError naming the line for anything else."""
     workload: Workload = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i + 1}: not valid JSON: {e.msg}") from None
-        has = [
-            k for k in ("prompt_token_ids", "prompt") if isinstance(record, dict) and k in record
-        ]
+    for number, record in json_objects(Path(path).read_text(), path):
+        has = [k for k in ("prompt_token_ids", "prompt") if k in record]
         if len(has) != 1:
-            raise ValueError(f"{path}:{i + 1}: needs exactly one of 'prompt_token_ids', 'prompt'")
+            raise ValueError(f"{path}:{number}: needs exactly one of 'prompt_token_ids', 'prompt'")
         n = max_tokens or record.get("max_tokens", JSONL_MAX_TOKENS)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"{path}:{i + 1}: max_tokens={n!r} must be an int >= 1")
+            raise ValueError(f"{path}:{number}: max_tokens={n!r} must be an int >= 1")
         workload.append((record[has[0]], n))
     if not workload:
         raise ValueError(f"{path} holds no requests")

@@ -23,18 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from paged_jax.engine.sampling_params import SamplingParams
+from paged_jax.io.jsonl import json_object
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 def _parse_line(llm: Any, line: str, index: int) -> tuple[str, Any, SamplingParams]:
     """(id, prompt, params) of one jsonl line; ValueError naming the problem."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"line {index + 1} is not valid JSON: {e.msg}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"line {index + 1} must be a JSON object")
+    record = json_object(line, f"line {index + 1}")
     request_id = str(record.get("id", index))
     has = [k for k in ("prompt", "messages", "prompt_token_ids") if k in record]
     if len(has) != 1:

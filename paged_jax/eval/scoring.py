@@ -139,3 +139,8 @@ def stderr_of_mean(values: Sequence[float]) -> float:
         return float("nan")
     m = mean(values)
     return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
+def mean_and_stderr(name: str, values: Sequence[float]) -> dict[str, float]:
+    """``{name: mean, name_stderr: its standard error}`` for a task's metrics."""
+    return {name: mean(values), f"{name}_stderr": stderr_of_mean(values)}

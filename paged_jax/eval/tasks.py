@@ -8,7 +8,6 @@ Every task sends all its requests in one ``LLM.generate`` call, so the engine ba
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from typing import Any
 
@@ -21,6 +20,7 @@ from paged_jax.eval.config import (
     Task,
     resolve_path,
 )
+from paged_jax.io.jsonl import json_objects
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +37,8 @@ class TaskResult:
 
 def read_jsonl(path: str, required: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
     """Records of a jsonl file (blank lines skipped); ValueError naming the line and field."""
-    file = resolve_path(path)
     records = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON: {e.msg}") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{n}: a record must be a JSON object")
+    for n, record in json_objects(resolve_path(path).read_text(encoding="utf-8"), path):
         for key, kind in required.items():
             if not isinstance(record.get(key), kind):
                 raise ValueError(f"{path}:{n}: field {key!r} is missing or not {kind}")
@@ -166,10 +157,8 @@ def run_multiple_choice(llm: Any, task: MultipleChoiceTask, progress: bool) -> T
             }
         )
     metrics = {
-        "acc": scoring.mean(acc),
-        "acc_stderr": scoring.stderr_of_mean(acc),
-        "acc_norm": scoring.mean(acc_norm),
-        "acc_norm_stderr": scoring.stderr_of_mean(acc_norm),
+        **scoring.mean_and_stderr("acc", acc),
+        **scoring.mean_and_stderr("acc_norm", acc_norm),
     }
     counts = {
         "questions": len(records),
@@ -223,10 +212,8 @@ def run_generation(llm: Any, task: GenerationTask, progress: bool) -> TaskResult
             }
         )
     metrics = {
-        "exact_match": scoring.mean(exact),
-        "exact_match_stderr": scoring.stderr_of_mean(exact),
-        "contains": scoring.mean(contained),
-        "contains_stderr": scoring.stderr_of_mean(contained),
+        **scoring.mean_and_stderr("exact_match", exact),
+        **scoring.mean_and_stderr("contains", contained),
     }
     counts = {
         "questions": count,
