@@ -99,7 +99,7 @@ class LLM:
                 logprobs=cfg.warmup_logprobs, decode_bursts=cfg.decode_steps > 1
             )
             logger.info(
-                "warmup compiled %d buckets in %.1fs",
+                "warmup compiled %d executables in %.1fs",
                 len(self.runner.warmup_seconds),
                 self.warmup_seconds,
             )

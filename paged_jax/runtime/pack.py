@@ -79,6 +79,7 @@ def pack(
 
     page_tables = np.full((S, max_pages_per_seq), NULL_PAGE, np.int32)
     page_ids: list[int] = []  # every row's page table, concatenated
+    num_pages_per_row: list[int] = []
     token_ids: list[int] = []
     targets = np.zeros(T, np.int32)  # i32[T]
     per_seq: list[tuple] = []  # per sequence: q_len, kv_len, sampling values
@@ -98,6 +99,7 @@ def pack(
             for i in range(max(stop, 0)):
                 targets[start + i] = item.seq.token_ids[item.start_position + i + 1]
         page_ids.extend(item.page_ids)
+        num_pages_per_row.append(num_pages)
         params = item.seq.sampling_params
         per_seq.append(
             (
@@ -115,10 +117,9 @@ def pack(
         )
     columns = list(zip(*per_seq, strict=True)) if per_seq else [()] * 10
     # One scatter for all page tables: row r's pages go to columns 0..len-1.
-    num_pages_per_row = np.fromiter((len(i.page_ids) for i in plan.scheduled), np.int64, num_seqs)
-    table_rows = np.repeat(np.arange(num_seqs), num_pages_per_row)
-    row_starts = np.cumsum(num_pages_per_row) - num_pages_per_row
-    table_cols = np.arange(len(page_ids)) - np.repeat(row_starts, num_pages_per_row)
+    row_lens = np.asarray(num_pages_per_row, np.int64)  # i64[num_seqs]
+    table_rows = np.repeat(np.arange(num_seqs), row_lens)
+    table_cols = np.arange(len(page_ids)) - np.repeat(np.cumsum(row_lens) - row_lens, row_lens)
     page_tables[table_rows, table_cols] = page_ids
 
     def column(index: int, dtype: type, pad: float) -> np.ndarray:

@@ -157,8 +157,9 @@ class ModelRunner:
         lowered = {key: self._lower(key) for key in keys if key not in self._executables}
         workers = max(1, min(len(lowered), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for key in pool.map(lambda kv: self._compile(*kv) and kv[0], lowered.items()):
-                logger.info("compiled T=%d S=%d %s in %.2fs", *key, self.warmup_seconds[key])
+            list(pool.map(self._compile, lowered, lowered.values()))
+        for key in lowered:
+            logger.info("compiled T=%d S=%d %s in %.2fs", *key, self.warmup_seconds[key])
         self.warmed_up = True
         return time.perf_counter() - start
 
@@ -173,10 +174,7 @@ class ModelRunner:
             and i.start_position < i.seq.num_prompt_tokens - 1
             for i in plan.scheduled
         )
-        if plan.num_steps:  # a decode burst: one token per sequence
-            bucket = self.buckets.pick_bucket(n, n)
-        else:
-            bucket = self.buckets.pick_bucket(plan.num_tokens, n)
+        bucket = self.buckets.pick_bucket(plan.num_tokens, n)  # a burst: one token per row
         step = self._executable((*bucket, "prompt" if want_prompt else "plain"))
         mode = select_mode(plan)
         select = None if mode == GREEDY else self._executable((0, bucket[1], mode))
