@@ -5,8 +5,9 @@ arguments), the XLA reference, cuDNN dense attention on contiguous [B, ctx, H, D
 1 GiB device copy (bytes read + written / time) as the bandwidth yardstick. Page tables are a
 random permutation (no page reused). Each timing is the median of >= 30 synchronised samples
 after warm-up; a sample runs the call `inner` times back to back and blocks once, so Python
-dispatch overlaps the device work. Prints one JSON line per (case, impl); writes results.json
-and results.md to --out.
+dispatch overlaps the device work. The implementations of a case are sampled in turn (round r
+times each once), so drift in the card's clocks lands on all of them alike. Prints one JSON line
+per (case, impl); writes results.json and results.md to --out.
 
 Effective bandwidth = K+V bytes the case must read / time; ratio = that / copy bandwidth.
 Prefill cases also report attention TFLOP/s; their cuDNN baseline is non-causal attention of
@@ -46,24 +47,40 @@ HQ, HKV, D, PAGE = 32, 8, 128, 16
 DTYPE = jnp.bfloat16
 
 
-def time_fn(fn, args, *, reps: int, target_s: float = 2e-3) -> float:
-    """Median seconds per call over `reps` synchronised samples."""
-    jax.block_until_ready(fn(*args))  # compile
+def _inner(fn, args, target_s: float = 2e-3) -> int:
+    """Back-to-back calls per sample (fn compiled and warm), so a sample lasts ~target_s."""
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    once = time.perf_counter() - t0
-    inner = max(1, min(50, int(target_s / max(once, 1e-6))))
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    samples = []
+    return max(1, min(50, int(target_s / max(time.perf_counter() - t0, 1e-6))))
+
+
+def _sample(fn, args, inner: int) -> float:
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(inner):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / inner
+
+
+def time_fn(fn, args, *, reps: int) -> float:
+    """Median seconds per call over `reps` synchronised samples."""
+    return time_interleaved({"fn": (fn, args)}, reps=reps)["fn"]
+
+
+def time_interleaved(fns: dict, *, reps: int) -> dict[str, float]:
+    """Median seconds per call of each (fn, args), sampled in turn: round r times every fn
+    once, so clock or thermal drift during the run lands on all of them alike."""
+    inner = {}
+    for name, (fn, args) in fns.items():
+        for _ in range(3):
+            jax.block_until_ready(fn(*args))
+        inner[name] = _inner(fn, args)
+    samples = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
+        for name, (fn, args) in fns.items():
+            samples[name].append(_sample(fn, args, inner[name]))
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def copy_bandwidth(reps: int) -> float:
@@ -204,29 +221,31 @@ def run_case(
             print(f"# jax pallas mha unavailable: {e}", file=sys.stderr)
 
     ref_out = None
-    rows = []
-    for name, fn in impls.items():
+    rows, errors, timed = [], {}, {}
+    for name, fn in impls.items():  # compile and check each; a failing peer must not stop the run
         try:
             out = jax.block_until_ready(fn(*impl_args[name]))
-            err = None
-            if name.startswith(("ours", "prev")) or name == "xla_reference":
-                flat = np.asarray(out.astype(jnp.float32))
-                if ref_out is None:
-                    ref_out = flat
-                else:
-                    err = float(np.linalg.norm(flat - ref_out) / np.linalg.norm(ref_out))
-            t = time_fn(fn, impl_args[name], reps=reps)
-        except Exception as e:  # noqa: BLE001 - a failing peer must not stop the run
+        except Exception as e:  # noqa: BLE001
             rows.append(dict(case=kind, impl=name, error=f"{type(e).__name__}: {e}"[:300]))
             print(json.dumps(rows[-1]), flush=True)
             continue
+        if name.startswith(("ours", "prev")) or name == "xla_reference":
+            flat = np.asarray(out.astype(jnp.float32))
+            if ref_out is None:
+                ref_out = flat
+            else:
+                errors[name] = float(np.linalg.norm(flat - ref_out) / np.linalg.norm(ref_out))
+        timed[name] = (fn, impl_args[name])
+    slow = {n: timed.pop(n) for n in list(timed) if n == "xla_reference"}  # not interleaved
+    times = time_interleaved(timed, reps=reps) | time_interleaved(slow, reps=3)
+    for name, t in times.items():
         row = dict(
             case=kind, batch=batch, q_len=q_len, ctx=ctx, impl=name, us=round(t * 1e6, 1),
             tbps=round(kv_bytes / t / 1e12, 3), ratio_copy=round(kv_bytes / t / copy_bw, 3),
             tflops=round(flops / t / 1e12, 1),
         )  # fmt: skip
-        if err is not None:
-            row["rel_err_vs_ours"] = err
+        if name in errors:
+            row["rel_err_vs_ours"] = errors[name]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

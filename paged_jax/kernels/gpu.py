@@ -1,6 +1,6 @@
-"""Pallas GPU (Triton lowering) ragged paged attention: a decode grid and a prefill grid.
+"""Pallas GPU ragged paged attention: a Triton decode grid, and a Triton or Hopper prefill.
 
-Two launches share one kernel body, each specialised by static tile sizes:
+Two Triton launches share one kernel body, each specialised by static tile sizes:
 
 - decode grid (S, Hkv, num_splits): one program per (sequence with q_len 1, kv head, kv split).
   All q heads of the kv head's group form the rows of one matmul (padded to 16 for the tensor
@@ -12,6 +12,11 @@ Two launches share one kernel body, each specialised by static tile sizes:
   over the padding rows. It updates the decode grid's output in place (aliased), so a
   decode-only step is two launches and no XLA ops.
 
+On a Hopper GPU, calls with more q rows than sequences (T > S: room for chunks) run the chunk
+rows through the Mosaic GPU kernel of gpu_hopper.py instead (TMA + wgmma, warp-specialised),
+then the decode grid writes its rows into that output. Decode buckets (T <= S) keep the two
+Triton launches above, which cost less when there is nothing to prefill.
+
 K/V are read straight from the page arrays: per loop step the `pages_per_block` page ids are
 scalar loads and every kv row's address is `(page * page_size + offset) * D + lane`. Loop steps
 are split three ways: blocks every row of the tile sees in full run without any mask (no load
@@ -20,9 +25,8 @@ sliding window's edge are masked. Masked loads never touch memory past a sequenc
 freed pages (garbage, NaN) are never read. Online softmax is in f32 in the log2 domain; P is cast
 to the K/V dtype for the PV matmul. Rows past cu_q_lens[num_seqs] come back as 0.
 
-Why Triton lowering and not Mosaic GPU: the Triton lowering runs under `interpret=True` on CPU
-on jax 0.10.2 and 0.11.2 alike (our CI has no GPU), its pointer gathers express page-table
-reads directly, and Triton pipelines the loop's loads (`num_stages`). See docs/kernels.md.
+Decode stays on Triton: its pointer gathers express page-table reads directly, Triton
+pipelines the loop's loads (`num_stages`), and it is at cuDNN's speed (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from paged_jax.kernels import gpu_hopper
 from paged_jax.kernels.common import AttentionShape, check_attention_args
 
 _MASKED = -1e30  # running-max floor: finite, so exp(m_old - m_new) never sees inf - inf
@@ -65,6 +70,10 @@ class GpuBlockSizes:
     prefill_stages: int = 3
     split_masks: bool = True  # unmasked loop over fully visible blocks, masked loop for the rest
     prefetch_pages: bool = True  # load the next block's page ids one loop step ahead
+    # Prefill on Hopper: the Mosaic GPU kernel of gpu_hopper.py where it applies.
+    hopper_prefill: bool = True
+    hopper_kv_tokens: int = 128
+    hopper_stages: int = 2
 
 
 DEFAULT_BLOCK_SIZES = GpuBlockSizes()
@@ -329,15 +338,6 @@ def _num_splits(shape: AttentionShape, pages_per_block: int, target: int, max_sp
     return max(1, min(splits, blocks))
 
 
-def _row_seqs(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int) -> jax.Array:
-    """i32[T]: the (live) sequence each q row belongs to, clipped to S - 1."""
-    max_num_seqs = cu_q_lens.shape[0] - 1
-    rows = jnp.arange(num_tokens, dtype=jnp.int32)  # i32[T]
-    live_seq = jnp.arange(max_num_seqs) < num_seqs[0]
-    seq = jnp.sum((rows[:, None] >= cu_q_lens[None, 1:]) & live_seq, axis=1, dtype=jnp.int32)
-    return jnp.minimum(seq, max_num_seqs - 1)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_sizes", "interpret"),
@@ -412,6 +412,9 @@ def ragged_paged_attention(
         v_pages.reshape(-1, head_dim),
     )
 
+    def finish(out: jax.Array) -> jax.Array:  # [num_rows, D] -> [T, Hq, D]
+        return out[: num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
+
     def call(tile: _Tile, grid, out_shape, warps, stages, extra=(), aliases=None):
         return pl.pallas_call(
             functools.partial(_kernel, t=tile),
@@ -423,37 +426,74 @@ def ragged_paged_attention(
             name="rpa_decode" if tile.decode else "rpa_prefill",
         )(*meta, *flat, *extra)
 
-    dec_grid = (s_max, hkv, dec.num_splits)
-    if dec.num_splits == 1:
-        out = call(dec, dec_grid, out_shape, dec_warps, dec_stages)  # decode rows written
-    else:
+    def decode(out: jax.Array | None) -> jax.Array:
+        """Decode rows written into `out` ([num_rows, D]), or a fresh buffer when None."""
+        grid = (s_max, hkv, dec.num_splits)
+        if dec.num_splits == 1:  # the kernel writes final rows in place
+            if out is None:
+                return call(dec, grid, out_shape, dec_warps, dec_stages)
+            aliases = {len(meta) + len(flat): 0}
+            return call(dec, grid, out_shape, dec_warps, dec_stages, (out,), aliases)
+        partial_shape = (dec.num_splits, s_max, num_q_heads + 1)
         o_dec, m_dec, l_dec = call(
-            dec,
-            dec_grid,
-            (
-                jax.ShapeDtypeStruct(
-                    (dec.num_splits, s_max, num_q_heads + 1, head_dim), jnp.float32
-                ),
-                jax.ShapeDtypeStruct((dec.num_splits, s_max, num_q_heads + 1), jnp.float32),
-                jax.ShapeDtypeStruct((dec.num_splits, s_max, num_q_heads + 1), jnp.float32),
-            ),
-            dec_warps,
-            dec_stages,
-        )
+            dec, grid,
+            (jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),
+             jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+             jax.ShapeDtypeStruct(partial_shape, jnp.float32)),
+            dec_warps, dec_stages,
+        )  # fmt: skip
         o_dec, m_dec, l_dec = o_dec[:, :, :num_q_heads], m_dec[:, :, :num_q_heads], l_dec[..., :-1]
-        # Merge the splits: f32[S, Hq, D]; rows of chunks and padding are overwritten below.
+        # Merge the splits: f32[S, Hq, D].
         m_max = jnp.max(m_dec, axis=0)  # f32[S, Hq]; log2 domain
         w = jnp.exp2(m_dec - m_max)  # f32[splits, S, Hq]
         l_tot = jnp.sum(l_dec * w, axis=0)
         o_seq = jnp.sum(o_dec * w[..., None], axis=0) / jnp.maximum(l_tot, 1e-30)[..., None]
-        out = o_seq[_row_seqs(cu_q_lens, num_seqs, num_tokens)].astype(q.dtype)  # [T, Hq, D]
-        out = out.reshape(num_tokens * num_q_heads, head_dim)
-        out = jnp.pad(out, ((0, num_rows - out.shape[0]), (0, 0)))
+        o_seq = o_seq.astype(q.dtype)
+        if out is None:  # every row gets its sequence's row; chunk and padding rows come next
+            rows = o_seq[_row_seqs(cu_q_lens, num_seqs, num_tokens)].reshape(-1, head_dim)
+            return jnp.pad(rows, ((0, num_rows - rows.shape[0]), (0, 0)))
+        live = (jnp.arange(s_max) < num_seqs[0]) & (cu_q_lens[1:] - cu_q_lens[:-1] == 1)
+        row = jnp.where(live, cu_q_lens[:-1], num_tokens)  # out of range: dropped
+        out = out[: num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
+        return out.at[row].set(o_seq, mode="drop").reshape(num_rows, head_dim)
+
+    # Calls with more rows than sequences (room for chunks) on Hopper: the Mosaic GPU prefill
+    # kernel first, then decode rows into its output. Decode buckets (T <= S) and the rest:
+    # decode first, then the Triton prefill launch, which also zeroes padding rows.
+    if (
+        sizes.hopper_prefill
+        and num_tokens > s_max
+        and not interpret
+        and _is_hopper()
+        and gpu_hopper.supported(q.dtype, head_dim, ps, sliding_window, soft_cap)
+    ):
+        out = gpu_hopper.prefill(
+            q, k_pages, v_pages, page_tables, cu_q_lens, kv_lens, num_seqs, sm_scale=sm_scale,
+            sizes=gpu_hopper.HopperBlockSizes(sizes.hopper_kv_tokens, sizes.hopper_stages),
+        )  # fmt: skip
+        return finish(decode(out.reshape(num_rows, head_dim)))
     # Chunk tiles, then zero tiles for padding rows: enough for any ragged split (each chunk
     # adds at most one partial tile; there are at most min(S, T // 2) chunks).
     num_tiles = -(-num_tokens // pre.tokens) + min(s_max, num_tokens // 2) + 1
     out = call(
         pre, (num_tiles, hkv, 1), out_shape, sizes.prefill_warps, pre_stages,
-        extra=(out,), aliases={len(meta) + len(flat): 0},
+        extra=(decode(None),), aliases={len(meta) + len(flat): 0},
     )  # fmt: skip
-    return out[: num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
+    return finish(out)
+
+
+def _row_seqs(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int) -> jax.Array:
+    """i32[T]: the (live) sequence each q row belongs to, clipped to S - 1."""
+    max_num_seqs = cu_q_lens.shape[0] - 1
+    rows = jnp.arange(num_tokens, dtype=jnp.int32)  # i32[T]
+    live_seq = jnp.arange(max_num_seqs) < num_seqs[0]
+    seq = jnp.sum((rows[:, None] >= cu_q_lens[None, 1:]) & live_seq, axis=1, dtype=jnp.int32)
+    return jnp.minimum(seq, max_num_seqs - 1)
+
+
+def _is_hopper() -> bool:
+    """Whether the default device is an NVIDIA GPU of compute capability 9.x."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith(
+        "9"
+    )
