@@ -57,10 +57,13 @@ class GpuBlockSizes:
     decode_kv_tokens: int = 128  # kv tokens per loop step (whole pages; power of two)
     decode_warps: int = 4
     decode_stages: int = 2
-    target_programs: int = 1024  # decode: split the context until the grid has this many
+    # Decode: split the context until the grid has this many programs. 256 = no split once
+    # S * Hkv >= 256: one pass per (sequence, kv head) and no merge beat 4 splits (H100).
+    target_programs: int = 256
     max_splits: int = 16
     # Few (sequence, kv head) pairs: fewer, fatter splits with more loads in flight.
-    small_batch_programs: int = 128  # S * Hkv at or below this uses the three knobs below
+    small_batch_programs: int = 128  # S * Hkv at or below this uses the four knobs below
+    small_batch_kv_tokens: int = 64
     small_batch_warps: int = 8
     small_batch_stages: int = 3
     small_batch_target: int = 512
@@ -384,11 +387,10 @@ def ragged_paged_attention(
     dec_warps = sizes.small_batch_warps if small else sizes.decode_warps
     dec_stages = sizes.small_batch_stages if small else sizes.decode_stages
     dec_target = sizes.small_batch_target if small else sizes.target_programs
+    dec_kv_tokens = sizes.small_batch_kv_tokens if small else sizes.decode_kv_tokens
     isz = q.dtype.itemsize
     dec_rows = max(16, group_pad)
-    dec_kv, dec_stages = _fit_shared(
-        sizes.decode_kv_tokens, dec_stages, dec_rows, head_dim, isz, ps
-    )
+    dec_kv, dec_stages = _fit_shared(dec_kv_tokens, dec_stages, dec_rows, head_dim, isz, ps)
     dec_ppb = dec_kv // ps
     dec = _Tile(
         decode=True, rows=dec_rows, tokens=dec_rows // group_pad, pages_per_block=dec_ppb,

@@ -1,22 +1,25 @@
 """Hopper prefill kernel (Pallas Mosaic GPU): the chunk rows of ragged paged attention.
 
 Flash attention in the FlashAttention-3 shape (warp-specialised, TMA + wgmma), reading K/V
-through the page tables. A CTA owns a tile of 128 q tokens of one sequence and one q head:
+through the page tables. A unit of work is (tile, q head), a tile being up to 128 consecutive
+q rows of one chunk from an 8-aligned row; the grid is persistent (one CTA per SM, CTA c runs
+units c, c + num_ctas, ...), and per CTA:
 
 - warpgroup 2 is the producer: per kv block it reads the block's page ids (scalar loads) and
   issues one TMA copy per page for K and for V into a `stages`-deep ring of shared memory;
-  each ring slot's barrier expects one arrival per page.
+  each ring slot's barrier expects one arrival per page. The ring runs on across units.
 - warpgroups 0 and 1 compute 64 rows each: S = Q K^T and O += P V on the tensor cores
-  (wgmma), online softmax in f32 in the log2 domain in between. Blocks every row sees in full
-  skip the mask; the diagonal and tail blocks mask by position. Slots past a sequence's length
+  (wgmma), online softmax in f32 in the log2 domain in between, taking turns on the tensor
+  cores (one's softmax overlaps the other's matmuls). Blocks every owned row sees in full
+  skip the mask; diagonal and tail blocks mask by position. Slots past a sequence's length
   in its last block are garbage (NaN in the tests): logits there become -inf, and the V rows
   are overwritten with zeros in shared memory before the PV product (0 * NaN would leak).
 - the output goes through shared memory and TMA stores of 64, 32, ..., 1 rows, so a tile
-  writes exactly its sequence's rows; rows of other sequences are never touched.
+  writes exactly its own rows; rows of other sequences are never touched.
 
-Which tile a CTA owns comes from a small table built by XLA (`tile_table`): chunk tiles first,
-then "zero tiles" that write zeros over the padding rows past cu_q_lens[num_seqs]. Decode rows
-(q_len 1) are left alone: the Triton decode kernel writes them afterwards.
+The tiles come from `gpu_tiles.tile_table` (one Triton launch): chunk tiles first, then zero
+tiles that write zeros over the padding rows past cu_q_lens[num_seqs]. Decode rows (q_len 1)
+are left alone: the Triton decode kernel writes them afterwards.
 
 Mosaic GPU runs on the CPU only through its interpreter (`interpret=InterpretGPUParams()`),
 which the CPU tests use; only bf16/f16 with head_dim 64/128 and page_size >= 8 are handled
