@@ -9,6 +9,8 @@ and are checked on the GPU (tests/test_kernel_gpu.py, `-m gpu`).
 
 from __future__ import annotations
 
+import faulthandler
+
 import numpy as np
 import pytest
 from jax._src.pallas.mosaic_gpu.interpret import params as mgpu_interpret
@@ -90,12 +92,14 @@ INTERPRET_SPECS = [
 def test_interpret_prefill(spec: CaseSpec) -> None:
     case = make_case(spec)
     q, k_pages, v_pages, kv_lens, tables, cu, num_seqs = case.args()
-    out = gpu_hopper.prefill(
-        q, k_pages, v_pages, tables, cu, kv_lens, num_seqs, sm_scale=case.sm_scale,
-        sizes=gpu_hopper.HopperBlockSizes(block_kv=64),
-        interpret=mgpu_interpret.InterpretGPUParams(),
-    )  # fmt: skip
-    out = np.asarray(out).astype(np.float32)
+    # An exception inside the interpreter leaves its threads waiting forever: past this
+    # limit, dump every thread's stack and exit, so CI fails instead of hanging.
+    faulthandler.dump_traceback_later(600, exit=True)
+    try:
+        out = np.asarray(_interpret(case, q, k_pages, v_pages, tables, cu, kv_lens, num_seqs))
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    out = out.astype(np.float32)
     assert out.shape == case.q.shape
     expected = oracle(case)
     chunk_rows = [
@@ -106,3 +110,11 @@ def test_interpret_prefill(spec: CaseSpec) -> None:
     ]
     assert_close(out[chunk_rows], expected[chunk_rows], spec.dtype)
     assert (out[int(case.cu_q_lens[-1]) :] == 0).all()  # padding rows
+
+
+def _interpret(case, q, k_pages, v_pages, tables, cu, kv_lens, num_seqs):
+    return gpu_hopper.prefill(
+        q, k_pages, v_pages, tables, cu, kv_lens, num_seqs, sm_scale=case.sm_scale,
+        sizes=gpu_hopper.HopperBlockSizes(block_kv=64),
+        interpret=mgpu_interpret.InterpretGPUParams(),
+    )  # fmt: skip
