@@ -90,14 +90,18 @@ def time_interleaved(fns: dict, *, reps: int) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def copy_bandwidth(reps: int) -> float:
+def copy_call() -> tuple:
+    """(fn, args) of the 1 GiB device copy (bytes read + written = 2 GiB per call)."""
     x = jnp.arange(1 << 28, dtype=jnp.uint32)  # 1 GiB
-    fn = jax.jit(lambda a: a ^ jnp.uint32(1))
+    return jax.jit(lambda a: a ^ jnp.uint32(1)), (x,)
+
+
+def copy_bandwidth(copy: tuple, reps: int) -> float:
+    fn, args = copy
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 2.0:  # an idle card takes a moment to reach its clocks
-        jax.block_until_ready(fn(x))
-    t = time_fn(fn, (x,), reps=reps)
-    return 2 * x.nbytes / t
+        jax.block_until_ready(fn(*args))
+    return 2 * args[0].nbytes / time_fn(fn, args, reps=reps)
 
 
 def paged_inputs(rng, batch: int, q_len: int, ctx: int):
@@ -162,7 +166,7 @@ def load_prev(path: Path):
 
 
 def run_case(
-    kind: str, batch: int, q_len: int, ctx: int, copy_bw: float, reps: int, rng,
+    kind: str, batch: int, q_len: int, ctx: int, copy: tuple, reps: int, rng,
     variants: list[str], prev,
 ):  # fmt: skip
     q, k_pages, v_pages, kv_lens, tables, cu, num_seqs = paged_inputs(rng, batch, q_len, ctx)
@@ -248,10 +252,9 @@ def run_case(
         timed[name] = (fn, impl_args[name])
     slow = {n: timed.pop(n) for n in list(timed) if n == "xla_reference"}  # not interleaved
     # The copy is sampled in the same rounds: ratios to it hold even if the card's state drifts.
-    copy_x = jnp.arange(1 << 28, dtype=jnp.uint32)  # 1 GiB
-    timed["copy_1gib"] = (jax.jit(lambda a: a ^ jnp.uint32(1)), (copy_x,))
+    timed["copy_1gib"] = copy
     times = time_interleaved(timed, reps=reps) | time_interleaved(slow, reps=3)
-    case_copy_bw = 2 * copy_x.nbytes / times.pop("copy_1gib")
+    case_copy_bw = 2 * copy[1][0].nbytes / times.pop("copy_1gib")
     print(json.dumps(dict(case=kind, impl="copy", tbps=round(case_copy_bw / 1e12, 3))), flush=True)
     for name, t in times.items():
         row = dict(
@@ -300,15 +303,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     print(f"# {jax.devices()[0].device_kind} jax {jax.__version__}", flush=True)
-    copy_bw = copy_bandwidth(args.reps)
+    copy = copy_call()
+    copy_bw = copy_bandwidth(copy, args.reps)
     print(json.dumps(dict(case="copy", tbps=round(copy_bw / 1e12, 3))), flush=True)
     rows = []
     if args.only in (None, "decode"):
         for batch, ctx in DECODE:
-            rows += run_case("decode", batch, 1, ctx, copy_bw, args.reps, rng, variants, prev)
+            rows += run_case("decode", batch, 1, ctx, copy, args.reps, rng, variants, prev)
     if args.only in (None, "prefill"):
         for batch, q_len, ctx in PREFILL:
-            rows += run_case("prefill", batch, q_len, ctx, copy_bw, args.reps, rng, variants, prev)
+            rows += run_case("prefill", batch, q_len, ctx, copy, args.reps, rng, variants, prev)
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, copy_tbps=copy_bw / 1e12)
     (args.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     (args.out / "results.md").write_text(markdown(rows, copy_bw))

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+MASKED = -1e30  # running-max floor: finite, so exp(m_old - m_new) never sees inf - inf
+LOG2E = 1.4426950408889634  # softmax in the log2 domain: exp2 is the native instruction
 
 
 @dataclasses.dataclass(frozen=True)

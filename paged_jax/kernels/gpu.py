@@ -41,10 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from paged_jax.kernels import gpu_hopper
-from paged_jax.kernels.common import AttentionShape, check_attention_args
+from paged_jax.kernels.common import LOG2E, MASKED, AttentionShape, check_attention_args
 
-_MASKED = -1e30  # running-max floor: finite, so exp(m_old - m_new) never sees inf - inf
-_LOG2E = 1.4426950408889634
 _SHARED_BUDGET = 200 * 1024  # bytes per program: under the 227 KiB of an H100/H200
 _MAX_SCALAR_PAGES = 16  # more pages per loop step than this: one vector load of page ids
 
@@ -202,7 +200,7 @@ def _kernel(
     kv_head_row = h * (t.num_pages * ps)  # first kv row of this head in the flattened pages
     # f32 inputs: full-precision dots (the default would be tf32).
     precision = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
-    scale = t.sm_scale * _LOG2E  # logits to the log2 domain (exp2 is the native instruction)
+    scale = t.sm_scale * LOG2E  # logits to the log2 domain (exp2 is the native instruction)
 
     def page_ids(j):
         """i32[BK]: page id of each slot of block j (columns clipped to the table)."""
@@ -243,7 +241,7 @@ def _kernel(
             q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )  # f32[M, BK]
         if t.soft_cap is not None:
-            s = (t.soft_cap * _LOG2E) * jnp.tanh(s * (t.sm_scale / t.soft_cap))
+            s = (t.soft_cap * LOG2E) * jnp.tanh(s * (t.sm_scale / t.soft_cap))
         if masked:
             mask = slot_ok[None, :] & (kv_pos[None, :] <= pos[:, None])  # bool[M, BK]
             if t.sliding_window is not None:
@@ -272,7 +270,7 @@ def _kernel(
         return m, l, acc
 
     carry = (
-        jnp.full((t.rows,), _MASKED, jnp.float32),
+        jnp.full((t.rows,), MASKED, jnp.float32),
         jnp.zeros((t.rows,), jnp.float32),
         jnp.zeros((t.rows, head_dim), jnp.float32),
     )

@@ -38,11 +38,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from paged_jax.kernels import gpu_tiles
+from paged_jax.kernels.common import LOG2E, MASKED
 
 ROWS = 64  # q rows per compute warpgroup: one wgmma M tile
 TILE = 2 * ROWS  # q tokens per CTA (two compute warpgroups)
-_MASKED = -1e30  # running-max floor: finite, so fully masked rows never compute inf - inf
-_LOG2E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +95,7 @@ def _kernel(items_ref, count_ref, tables_ref, q_ref, k_ref, v_ref, out_ref, smem
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         q_smem, o_w = qo_smem.at[wg], o_smem.at[wg]
-        scale = sm_scale * _LOG2E
+        scale = sm_scale * LOG2E
 
         def meet():  # ping-pong: one warpgroup's softmax overlaps the other's matmuls
             plgpu.barrier_arrive(turn)
@@ -113,7 +112,7 @@ def _kernel(items_ref, count_ref, tables_ref, q_ref, k_ref, v_ref, out_ref, smem
             full = jnp.clip(lax.div(pos_off + first + 1, bk), 0, blocks)  # seen whole by all
             plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(box, ROWS), head], q_smem, q_ready.at[wg])
             plgpu.barrier_wait(q_ready.at[wg])
-            m = _layout(jnp.full((ROWS,), _MASKED, jnp.float32), interpret, rows=True)
+            m = _layout(jnp.full((ROWS,), MASKED, jnp.float32), interpret, rows=True)
             l = _layout(jnp.full((ROWS,), 0.0, jnp.float32), interpret, rows=True)
             acc = _layout(jnp.zeros((ROWS, head_dim), jnp.float32), interpret)
 
@@ -276,9 +275,9 @@ def _zero_tail(v_block, valid, head_dim: int, interpret: bool) -> None:
 
     @pl.when(valid < bk)
     def _():
+        row = _iota((ROWS, head_dim), 0, interpret)
         for r0 in range(0, bk, ROWS):
             part = v_block.at[pl.ds(r0, ROWS)]
-            row = _iota((ROWS, head_dim), 0, interpret)
             v = part[...]
             part[...] = jnp.where(row + r0 < valid, v, jnp.zeros_like(v))
         plgpu.commit_smem()

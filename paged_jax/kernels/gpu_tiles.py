@@ -2,10 +2,10 @@
 
 Each row of the table is a tile of up to `TILE` consecutive q rows of one chunk (a sequence
 with q_len > 1) starting at an 8-aligned row: (seq, first row of the tile, first and end row it
-owns, position of row t minus t, kv_len, 0, 0). Chunk tiles come first, then zero tiles over
+owns, position of row t minus t, kv_len). Chunk tiles come first, then zero tiles over
 the padding rows past cu_q_lens[num_seqs] (kv_len 0: nothing to attend, zeros written);
-`count` says how many rows are real. Building it with jnp ops costs several XLA launches on
-every call, decode-only calls included; this is one.
+`count` says how many rows are real. Built with jnp ops it took several XLA launches per call;
+this is one.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-FIELDS = 8  # seq, tile base row, first owned row, end owned row, position offset, kv_len, 0, 0
+FIELDS = 6  # seq, tile base row, first owned row, end owned row, position offset, kv_len
 _ITEMS_PER_PROGRAM = 16
 
 
@@ -72,8 +72,7 @@ def _kernel(cu_q_lens_ref, kv_lens_ref, num_seqs_ref, table_ref, count_ref, *, t
     )
     row_ok = it < num_items
     rows = jnp.minimum(it, num_items - 1)
-    for f in range(FIELDS):
-        value = fields[f] if f < len(fields) else jnp.zeros_like(it)
+    for f, value in enumerate(fields):
         plgpu.store(table_ref.at[rows, jnp.full_like(it, f)], value, mask=row_ok)
 
     @pl.when(pl.program_id(0) == 0)
@@ -86,7 +85,7 @@ def tile_table(
     cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, *, num_tokens: int,
     tile: int, interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """(i32[items, 8] tiles, i32[1] how many are real) for `num_tokens` packed q rows."""
+    """(i32[items, 6] tiles, i32[1] how many are real) for `num_tokens` packed q rows."""
     items = num_items(num_tokens, cu_q_lens.shape[0] - 1, tile)
     return pl.pallas_call(
         functools.partial(_kernel, tile=tile, num_tokens=num_tokens),

@@ -21,9 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from paged_jax.kernels.common import check_attention_args, check_write_args
-
-_MASKED = -1e30  # running-max floor: finite, so exp(m_old - m_new) never sees inf - inf
+from paged_jax.kernels.common import MASKED, check_attention_args, check_write_args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +123,7 @@ def _attend_block(
         return m_new, l, alpha[..., None] * acc + pv
 
     init = (
-        jnp.full((block_q, num_kv_heads, group), _MASKED, jnp.float32),
+        jnp.full((block_q, num_kv_heads, group), MASKED, jnp.float32),
         jnp.zeros((block_q, num_kv_heads, group), jnp.float32),
         jnp.zeros((block_q, num_kv_heads, group, head_dim), jnp.float32),
     )

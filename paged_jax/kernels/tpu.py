@@ -24,9 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from paged_jax.kernels.common import check_attention_args
-
-_MASKED = -1e30  # running-max floor: finite, so exp(m_old - m_new) never sees inf - inf
+from paged_jax.kernels.common import MASKED, check_attention_args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +154,7 @@ def _kernel(
         return m_new, l, alpha * acc + pv
 
     init = (
-        jnp.full((rows, 1), _MASKED, jnp.float32),
+        jnp.full((rows, 1), MASKED, jnp.float32),
         jnp.zeros((rows, 1), jnp.float32),
         jnp.zeros((rows, head_dim), jnp.float32),
     )
