@@ -10,10 +10,19 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "LLM",
+    "BeamSearchOutput",
+    "BeamSearchParams",
+    "CompletionOutput",
+    "RequestOutput",
+    "SamplingParams",
+]
 
 _WHERE = {
     "LLM": "paged_jax.llm",
+    "BeamSearchOutput": "paged_jax.engine.outputs",
+    "BeamSearchParams": "paged_jax.engine.beam",
     "CompletionOutput": "paged_jax.engine.outputs",
     "RequestOutput": "paged_jax.engine.outputs",
     "SamplingParams": "paged_jax.engine.sampling_params",

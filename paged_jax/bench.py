@@ -1,14 +1,19 @@
 """End-to-end offline throughput benchmark (``paged-jax bench``, ``scripts/bench_throughput.py``).
 
-Owns the synthetic workload (ShareGPT-like lognormal lengths, random prompt ids), the run of one
-``LLM.generate`` over it, the metrics (throughput, TTFT/TPOT percentiles, KV use over time, host
-overhead, decode MBU against a device copy timed in the same run) and the JSON / markdown / PNG
-writers. ``make_workload`` is plain numpy so that the HF baseline (``scripts/bench_hf.py``)
-draws exactly the same requests; jax and the engine are imported inside the functions that
-need them.
+Owns the synthetic workloads (``sharegpt``: ShareGPT-like lognormal lengths, random prompt
+ids; ``shared-prefix``: the PagedAttention paper's translation test, one shared few-shot prefix
+plus each request's own short query), the run of one ``LLM.generate`` over it, the metrics
+(throughput, TTFT/TPOT percentiles, KV use over time, prefix-cache hits, host overhead,
+decode MBU against a device copy timed in the same run) and the JSON / markdown / PNG writers.
+The workload makers are plain numpy so that the HF baseline (``scripts/bench_hf.py``) draws
+exactly the same requests; jax and the engine are imported inside the functions that need them.
 
 Conventions (vLLM's offline throughput benchmark): every request arrives at t=0, decodes
 greedily with ``ignore_eos`` to exactly its own ``max_tokens``; TTFT therefore includes queueing.
+
+Engine options come as in the CLI: a yaml ``--config`` (base_config chaining) and ``key=value``
+overrides, over the bench's own defaults (``BENCH_DEFAULTS``); ``--contiguous`` and
+``--no-prefix-caching`` are shorthands.
 """
 
 from __future__ import annotations
@@ -42,6 +47,17 @@ MAX_LEN = 1024
 JSONL_MAX_TOKENS = 256  # a JSONL line without max_tokens (and no --max-tokens) gets this
 WARMUP_PROMPT_LEN = 16
 WARMUP_MAX_TOKENS = 8
+# shared-prefix workload: the paper's translation test (Fig. 16): ~80-token (1-shot) or
+# ~340-token (5-shot) prefix, each request's own ~20-token query, 20-60 output tokens
+QUERY_LEN_RANGE = (16, 24)
+SHARED_OUTPUT_RANGE = (20, 60)
+BENCH_DEFAULTS: dict[str, Any] = {
+    "model": "random:llama2-7b",
+    "dtype": "bfloat16",
+    "max_num_seqs": 256,
+    "max_num_batched_tokens": 2048,
+    "max_model_len": 2048,
+}
 
 Workload = list[tuple[Any, int]]  # (prompt token ids, or text for a tokenizer model; max_tokens)
 
@@ -68,6 +84,23 @@ def make_workload(
     for i, (prompt_len, output_len) in enumerate(lengths.tolist()):
         ids = np.random.default_rng([seed, i]).integers(0, vocab_size, prompt_len)
         workload.append((ids.tolist(), output_len))
+    return workload
+
+
+def make_shared_prefix_workload(
+    num_requests: int, seed: int = 0, *, vocab_size: int = 32000, prefix_len: int = 80
+) -> list[tuple[list[int], int]]:
+    """``num_requests`` requests = one shared ``prefix_len``-token prefix + an own query of
+    16-24 tokens, max_tokens 20-60; deterministic and prefix-stable like ``make_workload``."""
+    if num_requests < 1 or prefix_len < 0 or vocab_size < 1:
+        raise ValueError(f"{num_requests=} must be >= 1, {prefix_len=} >= 0, {vocab_size=} >= 1")
+    prefix = np.random.default_rng([seed, 1 << 20]).integers(0, vocab_size, prefix_len).tolist()
+    workload = []
+    for i in range(num_requests):
+        rng = np.random.default_rng([seed, i])
+        query = rng.integers(0, vocab_size, int(rng.integers(*QUERY_LEN_RANGE, endpoint=True)))
+        max_tokens = int(rng.integers(*SHARED_OUTPUT_RANGE, endpoint=True))
+        workload.append((prefix + query.tolist(), max_tokens))
     return workload
 
 
@@ -144,18 +177,9 @@ def measure_copy_bandwidth(num_bytes: int = 2**30, runs: int = 10) -> dict[str, 
             "bytes_per_s": 2 * 4 * (num_bytes // 4) / median_s, "runs": len(times)}  # fmt: skip
 
 
-def _kv_bytes_per_token(llm: Any) -> int:
-    """K and V bytes of one token across all layers."""
-    cfg = llm.model_config
-    itemsize = llm.runner.kv.k_pages[0].dtype.itemsize
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
-
-
 def _timeline_metrics(llm: Any, copy_bytes_per_s: float | None) -> dict[str, Any]:
     """Host overhead, per-step cost components and decode MBU from ``llm.timeline``."""
-    from paged_jax.model.presets import param_bytes
-
-    steps = llm.timeline
+    steps, stats = llm.timeline, llm.stats()
     parts = ("schedule_s", "pack_s", "dispatch_s", "device_wait_s", "update_s")
     step_s = np.array([r.step_s for r in steps])
     num_steps = sum(r.num_steps for r in steps)  # engine steps (a burst has several)
@@ -164,13 +188,12 @@ def _timeline_metrics(llm: Any, copy_bytes_per_s: float | None) -> dict[str, Any
     means = {p: v / num_steps for p, v in sums.items()}  # per engine step
     # Host-only work: the device is idle meanwhile (each record waits for its samples).
     host_s = sums["schedule_s"] + sums["pack_s"] + sums["update_s"] + sums["other_s"]
-    cfg, params = llm.model_config, llm.runner.params
     # A decode step reads every weight once except the embedding table, of which it gathers
     # a few rows (tied embeddings are read whole, as the lm head).
-    weight_bytes = param_bytes(params)
-    if not cfg.tie_word_embeddings:
-        weight_bytes -= params["embed"].nbytes
-    kv_bytes_per_token = _kv_bytes_per_token(llm)
+    weight_bytes = stats["param_bytes"]
+    if not llm.model_config.tie_word_embeddings:
+        weight_bytes -= stats["embed_bytes"]
+    kv_bytes_per_token = stats["kv_bytes_per_token"]
     # Decode-only records: one-token steps and bursts (a burst's counts add up its steps).
     decode = [r for r in steps if r.num_tokens == r.num_seqs * r.num_steps]
     decode_bytes = sum(
@@ -222,7 +245,7 @@ def _series(llm: Any, start: float, max_points: int = 120) -> dict[str, list[flo
         )
         return _finite([round(float(x), 4) for x in out])
 
-    num_pages = llm.scheduler_config.num_pages
+    num_pages = llm.stats()["num_pages"]
     return {
         "t_s": [round(float(x), 4) for x in edges[1:]],
         "tokens_per_s": per_bin([r.num_tokens for r in steps], "rate"),
@@ -232,22 +255,21 @@ def _series(llm: Any, start: float, max_points: int = 120) -> dict[str, list[flo
     }
 
 
-def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    options = {
-        "dtype": args.dtype,
-        "max_model_len": args.max_model_len,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "page_size": args.page_size,
-        "num_pages": args.num_pages,
-        "reserve_full": args.contiguous,
-        "attn_impl": args.attn_impl,
-        "compilation_cache_dir": args.compilation_cache_dir,
-    }
-    if args.decode_steps is not None:
-        options["decode_steps"] = args.decode_steps
-    if args.kv_memory_fraction is not None:
-        options["kv_memory_fraction"] = args.kv_memory_fraction
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """BENCH_DEFAULTS, then the ``--config`` yaml chain, then ``key=value`` overrides, then the
+    shorthand flags (``--model``, ``--contiguous``, ``--no-prefix-caching``)."""
+    from paged_jax.config import parse_overrides, read_yaml_chain
+
+    options = dict(BENCH_DEFAULTS)
+    if args.config:
+        options.update(read_yaml_chain(Path(args.config)))
+    options.update(parse_overrides(args.overrides))
+    if args.model:
+        options["model"] = args.model
+    if args.contiguous:
+        options.update(reserve_full=True, enable_prefix_caching=False)
+    if args.no_prefix_caching:
+        options["enable_prefix_caching"] = False
     return options
 
 
@@ -264,11 +286,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         copy = measure_copy_bandwidth(args.copy_bytes, args.copy_runs)
         logger.info("device copy: %.1f GB/s", copy["bytes_per_s"] / 1e9)
     start = time.perf_counter()
-    llm = LLM(model=args.model, **_engine_options(args))
+    options = engine_options(args)
+    llm = LLM(**options)
     init_s = time.perf_counter() - start
     vocab = llm.model_config.vocab_size
     max_model_len = llm.scheduler_config.max_model_len
-    if jsonl is None:
+    if jsonl is None and args.workload == "shared-prefix":
+        workload = make_shared_prefix_workload(
+            args.num_requests or 1000, args.seed, vocab_size=vocab, prefix_len=args.prefix_len
+        )
+        if args.max_tokens:
+            workload = [(p, args.max_tokens) for p, _ in workload]
+    elif jsonl is None:
         max_len = min(MAX_LEN, max_model_len // 2)
         if max_len < MAX_LEN:
             logger.warning("max_model_len=%d: lengths clipped to %d", max_model_len, max_len)
@@ -293,6 +322,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                      ignore_eos=True, detokenize=False)  # fmt: skip
         llm.generate(warm, warm_params, use_tqdm=False)
     llm.reset_stats()
+    llm.reset_prefix_cache()
 
     logger.info("running %d requests", len(prompts))
     start = time.perf_counter()
@@ -310,10 +340,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     ]
     pages = [r.num_used_pages for r in llm.timeline]
     sc = llm.scheduler_config
+    contiguous = bool(options.get("reserve_full"))
     result = {
         "bench": "paged_jax.throughput",
         "tag": args.tag,
-        "mode": "contiguous" if args.contiguous else "paged",
+        "mode": "contiguous" if contiguous else "paged",
+        "engine_options": options,
         "device": jax.devices()[0].device_kind,
         "platform": jax.devices()[0].platform,
         "jax_version": jax.__version__,
@@ -321,13 +353,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "args": vars(args),
         "workload": {
-            "source": args.input or "synthetic",
+            "source": args.input or args.workload,
             **workload_summary(num_in, [n for _, n in workload]),
         },
-        "num_pages": sc.num_pages,
-        "page_size": sc.page_size,
+        "num_pages": stats["num_pages"],
+        "page_size": stats["page_size"],
         "max_model_len": sc.max_model_len,
-        "kv_cache_gib": sc.num_pages * sc.page_size * _kv_bytes_per_token(llm) / 2**30,
+        "kv_cache_gib": stats["num_pages"]
+        * stats["page_size"]
+        * stats["kv_bytes_per_token"]
+        / 2**30,
         "seconds": seconds,
         "requests_per_s": len(outputs) / seconds,
         "output_tokens": int(sum(num_out)),
@@ -339,21 +374,29 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "steps": stats["steps"],
         "preemptions": stats["preemptions"],
         "kv_utilization": stats["kv_utilization"],
+        "prefix_caching": bool(options.get("enable_prefix_caching", True)),
+        "prefix_cache": {
+            "queries": stats["prefix_cache_queries"],
+            "hits": stats["prefix_cache_hits"],  # prompt tokens whose prefill was saved
+            "hit_rate": stats["prefix_cache_hit_rate"],
+            "evictions": stats["prefix_cache_evictions"],
+        },
+        "prompt_tokens_computed": stats["prompt_tokens_computed"],
         "used_pages_frac": {
-            "mean": float(np.mean(pages)) / sc.num_pages,
-            "max": float(np.max(pages)) / sc.num_pages,
+            "mean": float(np.mean(pages)) / stats["num_pages"],
+            "max": float(np.max(pages)) / stats["num_pages"],
         },
         "max_num_seqs_in_step": int(max(r.num_seqs for r in llm.timeline)),
         **_timeline_metrics(llm, copy["bytes_per_s"] if copy else None),
         "copy": copy,
         "compiles_after_warmup": stats["compiles_after_warmup"],
         "warmup_seconds": llm.warmup_seconds,
-        "warmup_buckets": sum(k[2] in ("plain", "prompt") for k in llm.runner.warmup_seconds),
+        "warmup_buckets": stats["warmup_steps"],
         "load_seconds": stats["load_seconds"],
         "init_seconds": init_s,
         "series": _series(llm, start),
     }
-    llm.runner.close()
+    llm.close()
     return result
 
 
@@ -378,6 +421,10 @@ def to_markdown(r: dict[str, Any]) -> str:
          f"{r['num_pages']} x {r['page_size']} ({r['kv_cache_gib']:.3g})"),
         ("max sequences in a step", str(r["max_num_seqs_in_step"])),
         ("preemptions", str(r["preemptions"])),
+        ("prefix cache: hit tokens / queried (rate)",
+         f"{r['prefix_cache']['hits']} / {r['prefix_cache']['queries']} "
+         f"({r['prefix_cache']['hit_rate']:.3f})"),
+        ("prompt tokens computed", str(r["prompt_tokens_computed"])),
         ("decode MBU (step / device time)",
          f"{fmt(dec['mbu'], '.3f')} / {fmt(dec['mbu_device'], '.3f')}"),
         ("copy bandwidth (GB/s, read + written)",
@@ -391,8 +438,9 @@ def to_markdown(r: dict[str, Any]) -> str:
         ("compiles after warmup", str(r["compiles_after_warmup"])),
         ("warmup s (buckets)", f"{r['warmup_seconds']:.1f} ({r['warmup_buckets']})"),
     ]  # fmt: skip
+    tag = " - " + r["tag"] if r["tag"] else ""
     head = (
-        f"### {r['args']['model']} ({r['mode']}){' - ' + r['tag'] if r['tag'] else ''}\n\n"
+        f"### {r['engine_options']['model']} ({r['mode']}){tag}\n\n"
         f"{r['device']}, jax {r['jax_version']}, {r['date']}. {w['num_requests']} requests "
         f"({w['source']}, seed {r['args']['seed']}): prompt mean {w['prompt_len']['mean']:.0f} "
         f"(max {w['prompt_len']['max']}), output mean {w['output_len']['mean']:.0f} "
@@ -418,7 +466,7 @@ def write_plot(r: dict[str, Any], path: Path) -> bool:
     top.plot(s["t_s"], s["output_tokens_per_s"], label="output tok/s")
     top.set_ylabel("tokens / s")
     top.legend(loc="upper right")
-    top.set_title(f"{r['args']['model']} ({r['mode']}), {r['device']}")
+    top.set_title(f"{r['engine_options']['model']} ({r['mode']}), {r['device']}")
     bottom.plot(s["t_s"], [100 * x for x in s["used_pages_frac"]], color="C2")
     bottom.set_ylabel("KV pages in use (%)")
     bottom.set_ylim(0, 105)
@@ -445,36 +493,38 @@ def write_results(r: dict[str, Any], out_dir: str, stem: str) -> list[Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="paged-jax bench", description="Offline throughput on a synthetic or JSONL workload."
+        prog="paged-jax bench",
+        description="Offline throughput on a synthetic or JSONL workload. Engine options: "
+        "--config yaml and key=value overrides (EngineConfig fields) over the bench defaults "
+        + ", ".join(f"{k}={v}" for k, v in BENCH_DEFAULTS.items()),
     )
     add = ap.add_argument
-    add("--model", default="random:llama2-7b", help="random:<preset>, bundled alias, HF dir, GGUF")
-    add("--dtype", default="bfloat16", choices=("auto", "float32", "bfloat16", "float16"))
+    add("--model", default=None, help="random:<preset>, bundled alias, HF dir, GGUF")
+    add("--config", default=None, help="engine yaml (base_config chaining allowed)")
+    add("--workload", default="sharegpt", choices=("sharegpt", "shared-prefix"))
+    add("--prefix-len", type=int, default=80, help="shared-prefix: tokens of the shared prefix")
     add("--num-requests", type=int, default=None, help="default 1000 (synthetic) / all (JSONL)")
     add("--seed", type=int, default=0)
     add("--input", default=None, help="JSONL: prompt_token_ids or prompt, optional max_tokens")
     add("--max-tokens", type=int, default=None, help="fixed max_tokens for every request")
-    add("--max-num-seqs", type=int, default=256)
-    add("--max-num-batched-tokens", type=int, default=2048)
-    add("--max-model-len", type=int, default=2048)
-    add("--page-size", type=int, default=16)
-    add("--num-pages", type=int, default=None, help="default: from --kv-memory-fraction")
-    add("--kv-memory-fraction", type=float, default=None, help="engine default 0.9")
-    add("--contiguous", action="store_true", help="reserve max_model_len per request")
-    add("--attn-impl", default="auto", choices=("auto", "reference", "gpu", "tpu"))
-    add("--decode-steps", type=int, default=None, help="decode burst length (engine default 8)")
+    add(
+        "--contiguous",
+        action="store_true",
+        help="reserve max_model_len per request (reserve_full=true enable_prefix_caching=false)",
+    )
+    add("--no-prefix-caching", action="store_true", help="enable_prefix_caching=false")
     add("--warmup-requests", type=int, default=8, help="small requests run before timing")
-    add("--compilation-cache-dir", default=None)
     add("--copy-bytes", type=int, default=2**30, help="bytes of the timed copy; 0 skips MBU")
     add("--copy-runs", type=int, default=10)
     add("--out", default="out/bench", help="directory for the .json, .md and .png")
     add("--tag", default=None, help="names the output files; default <model>-<mode>")
     add("--progress", action="store_true", help="show a progress bar")
-    return ap
+    add("overrides", nargs="*", help="engine config overrides, key=value")
+    return ap  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -482,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stem = args.tag or f"{args.model}-{result['mode']}"
+    stem = args.tag or f"{result['engine_options']['model']}-{result['mode']}"
     paths = write_results(result, args.out, re.sub(r"[^A-Za-z0-9_.-]+", "-", stem))
     print(json.dumps(_finite({k: v for k, v in result.items() if k not in ("series", "args")})))
     for path in paths:

@@ -4,7 +4,11 @@
 reads one request per line (``prompt`` or ``messages``, optional ``id`` and sampling fields),
 serves every valid line in one continuous batch, and writes one line per input line in input
 order: ``id, text, token_ids, finish_reason`` — or ``id, error`` for a line that could not be
-served. A bad line never stops the others.
+served. A bad line never stops the others. With ``n`` > 1 the line also gets ``outputs``, every
+completion in order (the top-level fields are completion 0's). A line with ``beam_width`` (or
+every line, with ``--beam-width K``) runs beam search (fields: ``beam_width, max_tokens,
+length_penalty, early_stopping, ignore_eos``) and gets ``beams``: ``text, token_ids, score``
+best first (the top-level fields are the best beam's).
 
 ``paged-jax eval --config configs/eval/<name>.yaml [key=value ...]`` or
 ``paged-jax eval --gin-file configs/eval/<name>.gin [--gin-param 'x.y=z' ...]`` runs an
@@ -22,23 +26,35 @@ import time
 from pathlib import Path
 from typing import Any
 
+from paged_jax.engine.beam import BeamSearchParams
 from paged_jax.engine.sampling_params import SamplingParams
 from paged_jax.io.jsonl import json_object
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+_BEAM_FIELDS = {f.name for f in dataclasses.fields(BeamSearchParams)}
 
 
-def _parse_line(llm: Any, line: str, index: int) -> tuple[str, Any, SamplingParams]:
+def _parse_line(
+    llm: Any, line: str, index: int, beam_width: int | None = None
+) -> tuple[str, Any, SamplingParams | BeamSearchParams]:
     """(id, prompt, params) of one jsonl line; ValueError naming the problem."""
     record = json_object(line, f"line {index + 1}")
     request_id = str(record.get("id", index))
     has = [k for k in ("prompt", "messages", "prompt_token_ids") if k in record]
     if len(has) != 1:
         raise ValueError("exactly one of 'prompt', 'messages', 'prompt_token_ids' is required")
-    unknown = sorted(set(record) - _SAMPLING_FIELDS - {"id", has[0]})
+    beam = "beam_width" in record or beam_width is not None
+    fields = _BEAM_FIELDS if beam else _SAMPLING_FIELDS
+    unknown = sorted(set(record) - fields - {"id", has[0]})
     if unknown:
-        raise ValueError(f"unknown field(s) {unknown}")
-    params = SamplingParams(**{k: v for k, v in record.items() if k in _SAMPLING_FIELDS})
+        kind = "beam search" if beam else "sampling"
+        raise ValueError(f"unknown field(s) {unknown} for {kind}")
+    values = {k: v for k, v in record.items() if k in fields}
+    if beam:
+        values.setdefault("beam_width", beam_width)
+        params: SamplingParams | BeamSearchParams = BeamSearchParams(**values)
+    else:
+        params = SamplingParams(**values)
     prompt = record[has[0]]
     llm.check_prompt(prompt)
     return request_id, prompt, params
@@ -56,27 +72,39 @@ def generate(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         try:
-            request_id, prompt, params = _parse_line(llm, line, i)
+            request_id, prompt, params = _parse_line(llm, line, i, args.beam_width)
         except (ValueError, TypeError) as e:
             results.append({"id": _line_id(line, i), "error": str(e)})
             continue
         valid.append((len(results), request_id, prompt, params))
         results.append(None)
     start = time.perf_counter()
-    outputs = (
-        llm.generate([v[2] for v in valid], [v[3] for v in valid], use_tqdm=not args.quiet)
-        if valid  # LLM.generate rejects an empty list; every line may be bad or blank
-        else []
-    )
+    sampled = [v for v in valid if isinstance(v[3], SamplingParams)]
+    beams = [v for v in valid if isinstance(v[3], BeamSearchParams)]
+    num_tokens = 0
+    if sampled:  # LLM.generate rejects an empty list; every line may be bad or blank
+        outs = llm.generate([v[2] for v in sampled], [v[3] for v in sampled],
+                            use_tqdm=not args.quiet)  # fmt: skip
+        for (slot, request_id, _, _), out in zip(sampled, outs, strict=True):
+            results[slot] = {"id": request_id, **_completion(out.outputs[0])}
+            if len(out.outputs) > 1:
+                results[slot]["outputs"] = [_completion(c) for c in out.outputs]
+            num_tokens += sum(len(c.token_ids) for c in out.outputs)
+    by_params: dict[BeamSearchParams, list] = {}
+    for v in beams:
+        by_params.setdefault(v[3], []).append(v)
+    for params, lines in by_params.items():  # one batched beam_search per distinct params
+        outs = llm.beam_search([v[2] for v in lines], params, use_tqdm=not args.quiet)
+        for (slot, request_id, _, _), out in zip(lines, outs, strict=True):
+            best = out.sequences[0]
+            results[slot] = {
+                "id": request_id,
+                "text": best.text,
+                "token_ids": best.token_ids,
+                "beams": [dataclasses.asdict(b) for b in out.sequences],
+            }
+            num_tokens += len(best.token_ids)
     seconds = time.perf_counter() - start
-    for (slot, request_id, _, _), out in zip(valid, outputs, strict=True):
-        completion = out.outputs[0]
-        results[slot] = {
-            "id": request_id,
-            "text": completion.text,
-            "token_ids": completion.token_ids,
-            "finish_reason": completion.finish_reason,
-        }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w") as f:
@@ -87,20 +115,26 @@ def generate(args: argparse.Namespace) -> int:
             body = r.get("text") if "text" in r else f"ERROR: {r['error']}"
             print(f"--- {r['id']}\n{body}")
     stats = llm.stats()
-    num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     summary = {
-        "requests": len(outputs),
-        "errors": len(results) - len(outputs),
+        "requests": len(valid),
+        "errors": len(results) - len(valid),
         "output_tokens": num_tokens,
         "seconds": round(seconds, 3),
         "output_tok_s": round(num_tokens / seconds, 2) if seconds else 0.0,
         "preemptions": stats["preemptions"],
         "kv_utilization": round(stats["kv_utilization"], 4),
+        "prefix_cache_queries": stats["prefix_cache_queries"],
+        "prefix_cache_hits": stats["prefix_cache_hits"],
+        "prefix_cache_hit_rate": round(stats["prefix_cache_hit_rate"], 4),
         "compiles_after_warmup": stats["compiles_after_warmup"],
         "warmup_seconds": round(stats["warmup_seconds"], 2),
     }
     print("summary " + json.dumps(summary))
     return 0
+
+
+def _completion(c: Any) -> dict[str, Any]:
+    return {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
 
 
 def _line_id(line: str, index: int) -> str:
@@ -145,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--config", help="engine yaml (base_config chaining allowed)")
     gen.add_argument("--print", action="store_true", help="also print each result")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--beam-width", type=int, default=None, help="beam search on every line")
     gen.add_argument("overrides", nargs="*", help="engine config overrides, key=value")
     ev = sub.add_parser("eval", help="evaluation run from a yaml or gin config")
     ev.add_argument("--config", help="eval yaml (configs/eval/*.yaml)")

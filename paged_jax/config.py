@@ -33,9 +33,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     attn_impl: str = "auto"  # auto | reference | gpu | tpu
     reserve_full: bool = False  # contiguous mode: reserve max_model_len pages per request
+    enable_prefix_caching: bool = True  # share cached full pages between requests
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache
     warmup: bool = True  # precompile every bucket at start-up
     warmup_logprobs: bool = False  # also the logprobs / prompt_logprobs steps (eval runs)
+    warmup_progress: bool = True  # a progress bar over the warmup compiles
     decode_steps: int = 8  # decode bursts: most decode steps per host round trip (1: off)
     seed: int = 0  # seeds unseeded requests (each still gets its own stream)
 

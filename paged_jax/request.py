@@ -1,10 +1,11 @@
-"""What the LLM loop keeps per request and per step, and how prompts become token ids."""
+"""What the driver keeps per request, and how prompts become token ids."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
-from paged_jax.engine.outputs import CompletionOutput, RequestOutput
+from paged_jax.engine.beam import BeamGroup
+from paged_jax.engine.outputs import BeamSearchOutput, BeamSequence, CompletionOutput, RequestOutput
 from paged_jax.engine.plan import ScheduledSeq
 from paged_jax.engine.sampling_params import SamplingParams
 from paged_jax.engine.sequence import Sequence as Seq
@@ -15,74 +16,124 @@ from paged_jax.runtime.runner import StepOutput
 Prompt = str | list[int] | list[dict[str, str]]
 
 
-class StepRecord(NamedTuple):
-    """One engine step or decode burst, for benchmarks and plots (seconds; time is
-    perf_counter at its end). A burst's counts add up its steps."""
-
-    time: float
-    num_seqs: int
-    num_tokens: int  # q rows computed (a burst: num_seqs * num_steps)
-    num_used_pages: int
-    num_kv_tokens: int  # K/V tokens the attention reads (sum of kv_lens over the steps)
-    step_s: float
-    schedule_s: float
-    pack_s: float
-    dispatch_s: float
-    device_wait_s: float
-    update_s: float
-    num_steps: int = 1  # decode steps (1 unless a burst)
-    num_sampled: int = 0  # output tokens kept
-
-
-class Request:
-    """A sequence plus its detokenizer and stop-string state."""
+class Completion:
+    """One completion's detokenizer, returned text and logprobs (a request has n of them)."""
 
     def __init__(self, seq: Seq, detok: IncrementalDetokenizer | None) -> None:
         self.seq = seq
         self.detok = detok
         self.text = ""  # returned text: detokenized output, cut at a stop string
-        params = seq.sampling_params
-        # {token id: logprob} per output token / per prompt token (None for the first)
-        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
-        self.prompt_logprobs: list[dict[int, float] | None] | None = None
-        if params.prompt_logprobs is not None:
-            self.prompt_logprobs = [None] * seq.num_prompt_tokens
+        # {token id: logprob} per output token
+        self.logprobs: list[dict[int, float]] | None = None
+        if seq.sampling_params.logprobs is not None:
+            self.logprobs = []
 
-    def record_logprobs(self, item: ScheduledSeq, row: int, out: StepOutput, offset: int) -> None:
-        """Keep this step's logprobs of the request: ``row`` in the sampled arrays, ``offset``
-        of its first packed token. Recomputed prompt positions overwrite the same values."""
-        params = self.seq.sampling_params
-        if self.prompt_logprobs is not None and out.prompt_logprobs is not None:
-            p = out.prompt_logprobs
-            last = min(item.kv_len, self.seq.num_prompt_tokens - 1)
-            for pos in range(item.start_position, last):  # scores prompt token pos + 1
-                j = offset + pos - item.start_position
-                self.prompt_logprobs[pos + 1] = _entry(
-                    p, j, self.seq.token_ids[pos + 1], params.prompt_logprobs
-                )
-        if self.logprobs is not None and item.sample and out.logprobs is not None:
-            token_id = int(out.sampled[row])
-            self.logprobs.append(_entry(out.logprobs, row, token_id, params.logprobs))
-
-    def output(self) -> RequestOutput:
+    def output(self) -> CompletionOutput:
         seq = self.seq
-        completion = CompletionOutput(
-            index=0,
+        return CompletionOutput(
+            index=seq.index,
             text=self.text,
             token_ids=list(seq.output_token_ids),
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             logprobs=self.logprobs,
         )
+
+
+class Request:
+    """A request's completions (n of them, sharing one prompt) and its prompt logprobs."""
+
+    def __init__(self, completions: list[Completion]) -> None:
+        self.completions = completions
+        first = completions[0].seq
+        # per prompt token (None for the first): {token id: logprob}
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        if first.sampling_params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * first.num_prompt_tokens
+
+    @property
+    def seq(self) -> Seq:
+        """The first completion's sequence (the only one when n == 1)."""
+        return self.completions[0].seq
+
+    @property
+    def seqs(self) -> list[Seq]:
+        return [c.seq for c in self.completions]
+
+    @property
+    def text(self) -> str:
+        return self.completions[0].text
+
+    @property
+    def is_finished(self) -> bool:
+        return all(c.seq.is_finished for c in self.completions)
+
+    def record_logprobs(
+        self, completion: Completion, item: ScheduledSeq, row: int, out: StepOutput, offset: int
+    ) -> None:
+        """Keep this step's logprobs of one completion: ``row`` in the sampled arrays,
+        ``offset`` of its first packed token. Recomputed prompt positions overwrite the same
+        values."""
+        seq = completion.seq
+        params = seq.sampling_params
+        if self.prompt_logprobs is not None and out.prompt_logprobs is not None:
+            p = out.prompt_logprobs
+            last = min(item.kv_len, seq.num_prompt_tokens - 1)
+            for pos in range(item.start_position, last):  # scores prompt token pos + 1
+                j = offset + pos - item.start_position
+                self.prompt_logprobs[pos + 1] = _entry(
+                    p, j, seq.token_ids[pos + 1], params.prompt_logprobs
+                )
+        if completion.logprobs is not None and item.sample and out.logprobs is not None:
+            token_id = int(out.sampled[row])
+            completion.logprobs.append(_entry(out.logprobs, row, token_id, params.logprobs))
+
+    def output(self) -> RequestOutput:
+        seq = self.seq
+        times = [c.seq.metrics() for c in self.completions]
+        metrics = times[0]
+        if len(times) > 1:  # the request's first token and its last completion's end
+            firsts = [t.first_token_time for t in times if t.first_token_time is not None]
+            ends = [t.finished_time for t in times]
+            metrics.first_token_time = min(firsts, default=None)
+            metrics.finished_time = None if None in ends else max(ends)
         return RequestOutput(
             request_id=seq.request_id,
             prompt=seq.prompt,
             prompt_token_ids=list(seq.prompt_token_ids),
-            outputs=[completion],
-            finished=seq.is_finished,
-            metrics=seq.metrics(),
+            outputs=[c.output() for c in self.completions],
+            finished=self.is_finished,
+            metrics=metrics,
             prompt_logprobs=self.prompt_logprobs,
         )
+
+
+class BeamRequest:
+    """A beam search request: its beam group, whose hypotheses become the output."""
+
+    def __init__(self, group: BeamGroup) -> None:
+        self.group = group
+        self.seq = group.members[0]  # the first beam: request id, prompt
+
+    @property
+    def seqs(self) -> list[Seq]:
+        return self.group.unfinished
+
+    @property
+    def is_finished(self) -> bool:
+        return self.group.done
+
+    def output(self, tokenizer: Tokenizer | None) -> BeamSearchOutput:
+        seq = self.seq
+        sequences = [
+            BeamSequence(
+                text=tokenizer.decode(list(h.token_ids)) if tokenizer is not None else "",
+                token_ids=list(h.token_ids),
+                score=h.score,
+            )
+            for h in self.group.hypotheses
+        ]
+        return BeamSearchOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), sequences)
 
 
 def _entry(arrays: dict[str, Any], j: int, token_id: int, k: int) -> dict[int, float]:

@@ -1,4 +1,4 @@
-"""Ragged paged attention benchmark on one GPU (DESIGN.md §8).
+"""Ragged paged attention benchmark on one GPU (docs/benchmarks.md says how figures are measured).
 
 In one run: our Pallas GPU kernel, JAX's Pallas GPU paged_attention (decode only; its own
 arguments), the XLA reference, cuDNN dense attention on contiguous [B, ctx, H, D] K/V, and a

@@ -3,10 +3,11 @@ ShareGPT-like workload (or a JSONL of prompts) on random weights of a real model
 JSON, a markdown table and a PNG plot under ``--out``; see ``paged_jax/bench.py``::
 
     python scripts/bench_throughput.py [--model random:llama2-7b] [--num-requests 1000]
-        [--contiguous] [--out out/bench] [--tag NAME]
+        [--workload sharegpt|shared-prefix] [--prefix-len 80] [--no-prefix-caching]
+        [--contiguous] [--config engine.yaml] [--out out/bench] [--tag NAME] [key=value ...]
 
 Baselines on the same card: ``scripts/bench_hf.py`` (HF transformers generate) and this script
-with ``--contiguous --num-pages N`` (N from the paged run's JSON: the same KV memory).
+with ``--contiguous num_pages=N`` (N from the paged run's JSON: the same KV memory).
 """
 
 from __future__ import annotations

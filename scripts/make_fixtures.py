@@ -19,6 +19,11 @@ It writes, deterministically (fixed seeds, CPU, float32, eager attention):
 * ``tests/data/ppl_smollm2.json``: SmolLM2's perplexity on the eval text fixture, over the same
   rolling windows as the engine's perplexity task (``paged_jax.eval.scoring``). Only this one:
   ``python scripts/make_fixtures.py --only ppl``.
+* ``tests/data/beams_smollm2.json``: transformers beam-search references on the bundled SmolLM2
+  (``num_beams`` = ``num_return_sequences`` in 2..4, with / without EOS, a few length
+  penalties and ``early_stopping`` modes): per case the prompt ids and, best first, each
+  hypothesis's generated ids and ``sequences_scores``. Only this one:
+  ``python scripts/make_fixtures.py --only beams``.
 
 The bundled GGUF is found (and fetched on first use) via ``paged_jax.io.bundled``.
 """
@@ -474,12 +479,246 @@ def make_ppl_smollm2(gguf_path: Path) -> None:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# SmolLM2 beam search
+# --------------------------------------------------------------------------------------------
+
+BEAM_NEW_TOKENS = {"text": 12, "chat": 20}
+BEAM_NO_EOS_PAD = 0  # pad id when EOS is disabled (HF then pads with -1 anyway; see below)
+# (prompt, beam_width, eos?, length_penalty, early_stopping); prompts "a"/"b" are
+# SMOLLM2_TEXT_PROMPTS[0]/[2], "c" is SMOLLM2_CHAT_PROMPT through the chat template.
+BEAM_CASES = (
+    [(p, k, eos, 1.0, False) for p in "abc" for k in (2, 3, 4) for eos in (True, False)]
+    + [(p, 3, True, 0.5, False) for p in "abc"]
+    + [(p, 3, True, 1.0, True) for p in "abc"]
+    + [("c", 4, True, 0.5, True), ("c", 2, True, 0.5, True), ("b", 4, False, 0.5, True)]
+    + [("c", 3, True, 1.0, "never"), ("c", 4, True, 0.5, "never"), ("a", 3, True, 1.0, "never")]
+)
+
+
+def _spy_beam_search(model, seen: dict):
+    """Wrap ``_beam_search`` on the model's class to record the generation config, EOS / pad
+    tensors, logits processors and stopping criteria that ``generate`` actually hands it."""
+    cls = type(model)
+    orig = cls._beam_search
+
+    def spy(self, input_ids, *args, logits_processor, stopping_criteria, generation_config, **kw):
+        eos = generation_config._eos_token_tensor
+        pad = generation_config._pad_token_tensor
+        seen.clear()
+        seen.update(
+            config={
+                key: val
+                for key, val in generation_config.to_dict().items()
+                if not key.startswith("_") and not isinstance(val, torch.Tensor)
+            },
+            eos=None if eos is None else [int(t) for t in eos.reshape(-1)],
+            pad=None if pad is None else int(pad),
+            processors=[type(p).__name__ for p in logits_processor],
+            stopping=[type(c).__name__ for c in stopping_criteria],
+        )
+        return orig(
+            self,
+            input_ids,
+            *args,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            generation_config=generation_config,
+            **kw,
+        )
+
+    had_own = "_beam_search" in cls.__dict__
+    cls._beam_search = spy
+
+    def undo():
+        if had_own:
+            cls._beam_search = orig
+        else:
+            del cls._beam_search
+
+    return undo
+
+
+@torch.no_grad()
+def make_beams_smollm2(gguf_path: Path) -> None:
+    """HF beam search (``num_beams=k``, ``num_return_sequences=k``) on the bundled SmolLM2, with
+    and without EOS, over a few length penalties and early-stopping modes.
+
+    Each returned hypothesis's true generated length is the number of its ``beam_indices``
+    entries that are not -1 (how HF itself crops the outputs); the stored tokens are the
+    generated ids up to that length (an EOS-finished one ends with its EOS). It is checked
+    against the scores: ``sequences_scores == sum(transition scores) / length**length_penalty``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    model = load_eager(AutoModelForCausalLM, folder, gguf_file=fname)
+    gc = model.generation_config
+    loaded_gc = gc.to_diff_dict()
+    hf_eos = gc.eos_token_id
+    hf_eos = [] if hf_eos is None else [hf_eos] if isinstance(hf_eos, int) else list(hf_eos)
+    hf_pad = gc.pad_token_id
+    if not hf_eos:
+        raise RuntimeError(f"the GGUF's generation config has no EOS: {loaded_gc}")
+    # Plain beam search: nothing that adds a logits processor (checked below via the spy).
+    gc.do_sample = False
+    gc.temperature = gc.top_k = gc.top_p = gc.typical_p = gc.min_p = None
+    gc.repetition_penalty = gc.no_repeat_ngram_size = gc.min_length = gc.min_new_tokens = None
+    gc.bad_words_ids = gc.suppress_tokens = gc.begin_suppress_tokens = None
+    gc.forced_bos_token_id = gc.forced_eos_token_id = None
+    gc.exponential_decay_length_penalty = None
+
+    chat_text = tok.apply_chat_template(
+        SMOLLM2_CHAT_PROMPT, tokenize=False, add_generation_prompt=True
+    )
+    prompts = {  # the same tokenization as make_smollm2 (text: tokenizer defaults, no BOS)
+        "a": ("text", SMOLLM2_TEXT_PROMPTS[0], tok(SMOLLM2_TEXT_PROMPTS[0])["input_ids"]),
+        "b": ("text", SMOLLM2_TEXT_PROMPTS[2], tok(SMOLLM2_TEXT_PROMPTS[2])["input_ids"]),
+        "c": ("chat", chat_text, tok(chat_text, add_special_tokens=False)["input_ids"]),
+    }
+
+    seen: dict = {}
+    undo = _spy_beam_search(model, seen)
+    cases = []
+    base_config = None
+    try:
+        for prompt_key, k, use_eos, lp, es in BEAM_CASES:
+            kind, text, ids = prompts[prompt_key]
+            n_new = BEAM_NEW_TOKENS[kind]
+            eos_ids = hf_eos if use_eos else None
+            pad_id = hf_pad if use_eos else BEAM_NO_EOS_PAD
+            gc.eos_token_id, gc.pad_token_id = eos_ids, pad_id
+            inp = torch.tensor([ids], dtype=torch.long)
+            out = model.generate(
+                inp,
+                attention_mask=torch.ones_like(inp),  # the chat prompt contains pad id 2
+                num_beams=k,
+                num_return_sequences=k,
+                do_sample=False,
+                max_new_tokens=n_new,
+                length_penalty=lp,
+                early_stopping=es,
+                eos_token_id=eos_ids,
+                pad_token_id=pad_id,
+                output_scores=True,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            if seen["eos"] != (eos_ids or None) or seen["processors"]:
+                raise RuntimeError(f"unexpected generate setup: {seen}")
+            if base_config is None and use_eos:
+                base_config = seen["config"]
+            # No processor touched the scores: they are plain log_softmax of the logits.
+            for s, lg in zip(out.scores, out.logits):
+                if not torch.allclose(s, torch.log_softmax(lg.float(), -1), atol=1e-5):
+                    raise RuntimeError("beam scores are not the log_softmax of the logits")
+            trans = model.compute_transition_scores(
+                out.sequences, out.scores, out.beam_indices, normalize_logits=False
+            )
+            lengths = (out.beam_indices != -1).sum(-1)
+            hyps = []
+            for r in range(k):
+                n = int(lengths[r])
+                gen = out.sequences[r, len(ids) : len(ids) + n].tolist()
+                eos_end = bool(eos_ids) and gen[-1] in eos_ids
+                if len(gen) != n or (n < n_new and not eos_end) or n > n_new:
+                    raise RuntimeError(f"hypothesis {r}: length {n} of {n_new}, tokens {gen}")
+                if eos_ids and any(t in eos_ids for t in gen[:-1]):
+                    raise RuntimeError(f"hypothesis {r} has an EOS before its end: {gen}")
+                if any(t < 0 for t in gen) or (not use_eos and n != n_new):
+                    raise RuntimeError(f"hypothesis {r}: bad tokens {gen}")
+                sum_logprob = float(trans[r, :n].double().sum())
+                score = float(out.sequences_scores[r])
+                if abs(sum_logprob / n**lp - score) > 1e-4 * max(1.0, abs(score)):
+                    raise RuntimeError(f"hypothesis {r}: score {score} != {sum_logprob}/{n}^{lp}")
+                hyps.append(
+                    {
+                        "token_ids": gen,
+                        "score": score,
+                        "sum_logprobs": sum_logprob,
+                        "num_tokens": n,
+                        "finished_by_eos": eos_end,
+                        "text": tok.decode(gen, skip_special_tokens=False),
+                    }
+                )
+            scores = [h["score"] for h in hyps]
+            if scores != sorted(scores, reverse=True):
+                raise RuntimeError(f"hypotheses are not best first: {scores}")
+            cases.append(
+                {
+                    "name": f"{prompt_key}_k{k}_{'eos' if use_eos else 'noeos'}_lp{lp}_es{es}",
+                    "prompt": prompt_key,
+                    "prompt_kind": kind,
+                    "prompt_token_ids": ids,
+                    "beam_width": k,
+                    "num_return_sequences": k,
+                    "max_new_tokens": n_new,
+                    "length_penalty": lp,
+                    "early_stopping": es,
+                    "eos_token_ids": seen["eos"],
+                    "pad_token_id": seen["pad"],
+                    "stopping_criteria": seen["stopping"],
+                    "hypotheses": hyps,
+                }
+            )
+    finally:
+        undo()
+
+    print(f"{'case':<32} {'k':>2} {'eos':>4} {'lp':>4} {'es':>6}  scores (* = ends with EOS)")
+    for c in cases:
+        sc = " ".join(
+            f"{h['score']:.4f}{'*' if h['finished_by_eos'] else ''}" for h in c["hypotheses"]
+        )
+        eos = "yes" if c["eos_token_ids"] else "no"
+        es = str(c["early_stopping"])
+        print(f"{c['name']:<32} {c['beam_width']:>2} {eos:>4} {c['length_penalty']:>4} {es:>6}  {sc}")
+    n_eos = sum(any(h["finished_by_eos"] for h in c["hypotheses"]) for c in cases)
+    print(f"smollm2 beams: {len(cases)} cases, {n_eos} with an EOS-finished hypothesis")
+    if n_eos < 3:
+        raise RuntimeError("too few cases with an EOS-finished hypothesis")
+
+    write_json(
+        DATA / "beams_smollm2.json",
+        {
+            "prompts": {
+                key: {"kind": kind, "text": text, "token_ids": ids}
+                for key, (kind, text, ids) in prompts.items()
+            },
+            "chat_messages": SMOLLM2_CHAT_PROMPT,
+            "cases": cases,
+            "loaded_generation_config": loaded_gc,
+            "generation_config": base_config,
+            "logits_processors": [],
+            "hf_eos_token_ids": hf_eos,
+            "hf_pad_token_id": hf_pad,
+            "no_eos_pad_token_id": BEAM_NO_EOS_PAD,
+            "method": "model.generate(num_beams=k, num_return_sequences=k, do_sample=False, "
+            "max_new_tokens, length_penalty, early_stopping, output_scores=True); hypotheses best "
+            "first as HF returns them; token_ids are the generated ids only, cut to the number of "
+            "beam_indices entries != -1 (an EOS-finished one keeps its EOS); score is "
+            "sequences_scores = sum_logprobs / num_tokens**length_penalty; float32, eager "
+            "attention, CPU",
+            "gguf_file": fname,
+            "gguf_sha256": sha256(gguf_path),
+            "versions": versions(),
+            "date": datetime.date.today().isoformat(),
+            "command": "python scripts/make_fixtures.py --only beams",
+        },
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["ppl"], help="write only this fixture")
-    if parser.parse_args().only == "ppl":
+    parser.add_argument("--only", choices=["ppl", "beams"], help="write only this fixture")
+    only = parser.parse_args().only
+    if only == "ppl":
         torch.manual_seed(0)
         make_ppl_smollm2(bundled_path("smollm2-135m"))
+        return
+    if only == "beams":
+        torch.manual_seed(0)
+        make_beams_smollm2(bundled_path("smollm2-135m"))
         return
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
@@ -492,6 +731,7 @@ def main() -> None:
     gguf_path = bundled_path("smollm2-135m")
     smol_meta, tok_fixture = make_smollm2(gguf_path)
     models["smollm2-135m"] = smol_meta
+    make_beams_smollm2(gguf_path)
 
     write_json(DATA / "smollm2_tokenizer.json", tok_fixture)
     write_json(

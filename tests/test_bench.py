@@ -51,10 +51,10 @@ def test_read_jsonl(tmp_path):
 
 def test_main_end_to_end_on_cpu(tmp_path):
     argv = [
-        "--model", "random:tiny", "--dtype", "float32", "--num-requests", "6",
-        "--max-model-len", "128", "--max-num-seqs", "8", "--max-num-batched-tokens", "32",
-        "--num-pages", "48", "--warmup-requests", "2", "--copy-bytes", str(2**22),
-        "--out", str(tmp_path), "--tag", "tiny",
+        "--model", "random:tiny", "dtype=float32", "--num-requests", "6",
+        "max_model_len=128", "max_num_seqs=8", "max_num_batched_tokens=32",
+        "num_pages=48", "--warmup-requests", "2", "--copy-bytes", str(2**22),
+        "--out", str(tmp_path), "--tag", "tiny", "warmup_progress=false",
     ]  # fmt: skip
     assert main(argv) == 0
     result = json.loads((tmp_path / "tiny.json").read_text())
@@ -74,8 +74,35 @@ def test_main_end_to_end_on_cpu(tmp_path):
     series = result["series"]
     assert len(series["t_s"]) == len(series["used_pages_frac"]) <= 120
     assert "| output tok/s |" in (tmp_path / "tiny.md").read_text()
+    assert result["prefix_caching"] and result["prefix_cache"]["hits"] == 0  # random prompts
+    assert result["prompt_tokens_computed"] == result["workload"]["prompt_tokens"]
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None
     assert (tmp_path / "tiny.png").exists() == has_matplotlib
+
+
+def test_shared_prefix_workload_and_config_chain(tmp_path):
+    from paged_jax.bench import make_shared_prefix_workload
+
+    workload = make_shared_prefix_workload(50, seed=0, vocab_size=512, prefix_len=80)
+    prefix = workload[0][0][:80]
+    assert all(p[:80] == prefix and 16 <= len(p) - 80 <= 24 for p, _ in workload)
+    assert all(20 <= n <= 60 for _, n in workload)
+    assert len({tuple(p[80:]) for p, _ in workload}) == 50
+    config = tmp_path / "engine.yaml"
+    config.write_text("max_model_len: 256\nmax_num_seqs: 8\nmax_num_batched_tokens: 64\n")
+    runs = {}
+    for flag in ([], ["--no-prefix-caching"]):
+        argv = ["--model", "random:tiny", "--config", str(config), "dtype=float32",
+                "num_pages=96", "--workload", "shared-prefix", "--prefix-len", "80",
+                "--num-requests", "12", "--warmup-requests", "0", "--copy-bytes", "0",
+                "--out", str(tmp_path), "--tag", "sp", "warmup_progress=false", *flag]  # fmt: skip
+        assert main(argv) == 0
+        runs[bool(flag)] = json.loads((tmp_path / "sp.json").read_text())
+    on, off = runs[False], runs[True]
+    assert on["engine_options"]["max_model_len"] == 256  # from the yaml
+    assert on["prefix_cache"]["hits"] > 0 and off["prefix_cache"]["queries"] == 0
+    assert on["prompt_tokens_computed"] + on["prefix_cache"]["hits"] == off["prompt_tokens_computed"]
+    assert on["output_tokens"] == off["output_tokens"]
 
 
 def test_main_reports_a_bad_input_file(tmp_path, capsys):

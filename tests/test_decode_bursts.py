@@ -29,6 +29,9 @@ def decode_item(seq: Sequence, num_pages: int) -> ScheduledSeq:
         token_ids=(seq.last_token_id,),
         page_ids=tuple(range(1 + 10 * seq.seq_id % 50, 1 + 10 * seq.seq_id % 50 + num_pages)),
         sample_position=seq.num_output_tokens,
+        params=seq.sampling_params,
+        seed=seq.seed,
+        num_prompt_tokens=seq.num_prompt_tokens,
     )
 
 
@@ -73,6 +76,9 @@ def _run(decode_steps: int, num_pages: int, prompts, params):
     outs = llm.generate(prompts, params, use_tqdm=False)
     stats = llm.stats()
     assert stats["compiles_after_warmup"] == 0
+    kv = llm.kv_cache
+    assert kv.num_used_pages == 0 and kv.num_free_pages == num_pages - 1
+    kv.check()
     bursts = sum(r.num_steps > 1 for r in llm.timeline)
     return [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs], stats, bursts
 

@@ -20,7 +20,7 @@ def test_defaults_are_valid():
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 2.0}, "n"),
         ({"n": 0}, "n"),
         ({"temperature": -1.0}, "temperature"),
         ({"temperature": math.inf}, "temperature"),
@@ -46,6 +46,8 @@ def test_defaults_are_valid():
         ({"logprobs": -1}, "logprobs"),
         ({"prompt_logprobs": -1}, "prompt_logprobs"),
         ({"skip_special_tokens": None}, "skip_special_tokens"),
+        ({"cache_salt": ""}, "cache_salt"),
+        ({"cache_salt": 5}, "cache_salt"),
     ],
 )
 def test_bad_field_raises_naming_it(kwargs, field):
@@ -56,6 +58,8 @@ def test_bad_field_raises_naming_it(kwargs, field):
 def test_edges_are_accepted():
     SamplingParams(temperature=0.0, top_p=1.0, top_k=1, min_p=1.0, seed=0)
     SamplingParams(max_tokens=1, min_tokens=1, stop_token_ids=[], logprobs=0)
+    assert SamplingParams(cache_salt="tenant-1").cache_salt == "tenant-1"
+    assert SamplingParams().cache_salt is None
 
 
 def test_params_are_frozen():

@@ -46,8 +46,13 @@ def _tokens(outputs):
 
 
 def _assert_all_free(llm):
-    assert llm.scheduler.allocator.num_free_pages == llm.scheduler_config.num_pages - 1
-    assert not llm.scheduler.has_unfinished()
+    """No page held: finished requests' full pages may stay cached, but count as free."""
+    kv = llm.kv_cache
+    assert kv.num_free_pages == kv.num_pages - 1 and kv.num_used_pages == 0
+    assert sorted(kv.free_page_ids()) == list(range(1, kv.num_pages))
+    assert llm.stats()["used_pages"] == 0
+    kv.check()
+    assert not llm._driver.scheduler.has_unfinished() and llm._driver.num_unfinished == 0
 
 
 def test_greedy_batch_and_alone_match_hf(engine, fixture):
@@ -64,17 +69,33 @@ def test_greedy_batch_and_alone_match_hf(engine, fixture):
 
 def test_nan_in_free_pages_does_not_leak(engine, fixture):
     prompts, expected = fixture
-    engine.runner.fill_free_pages(list(range(engine.scheduler_config.num_pages)))
+    # Cached pages hold live K/V that hits read: drop them first, then poison every page
+    # (NULL_PAGE included), since none is held or cached.
+    engine.reset_prefix_cache()
+    assert engine.kv_cache.num_cached_pages == 0
+    engine._driver.runner.fill_free_pages(list(range(engine.kv_cache.num_pages)))
     assert _tokens(engine.generate(prompts, GREEDY, use_tqdm=False)) == expected
+    _assert_all_free(engine)
+    # Again: now the prompts' full pages are hits, next to pages still holding NaN.
+    hits = engine.stats()["prefix_cache_hits"]
+    assert _tokens(engine.generate(prompts, GREEDY, use_tqdm=False)) == expected
+    assert engine.stats()["prefix_cache_hits"] > hits
     _assert_all_free(engine)
 
 
-def test_preemption_keeps_outputs(fixture):
+@pytest.mark.parametrize("prefix_caching", [True, False], ids=["cache", "nocache"])
+def test_preemption_keeps_outputs(fixture, prefix_caching):
     prompts, expected = fixture
-    llm = LLM("smollm2-135m", num_pages=10, **SMALL)  # 9 usable pages for ~4 x 5 needed
+    llm = LLM(  # 9 usable pages for ~4 x 5 needed
+        "smollm2-135m", num_pages=10, enable_prefix_caching=prefix_caching, **SMALL
+    )
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    assert llm.stats()["preemptions"] > 0
+    stats = llm.stats()
+    assert stats["preemptions"] > 0
     assert _tokens(outputs) == expected
+    # Recomputing a preempted request hits its own full pages when they are still cached.
+    assert (stats["prefix_cache_queries"] > 0) == prefix_caching
+    assert prefix_caching or stats["prefix_cache_hits"] == stats["cached_pages"] == 0
     _assert_all_free(llm)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,37 @@ ENGINE_FILES = sorted((PACKAGE / "engine").glob("*.py"))
 
 
 def test_engine_modules_exist():
-    assert {"scheduler.py", "page_allocator.py", "sequence.py"} <= {p.name for p in ENGINE_FILES}
+    names = {p.name for p in ENGINE_FILES}
+    assert {"scheduler.py", "kv_cache.py", "sequence.py", "plan.py", "burst.py"} <= names
+    assert "page_allocator.py" not in names  # the KV cache manager replaced it
+
+
+RUNTIME_FILES = sorted((PACKAGE / "runtime").glob("*.py"))
+LIVE_SEQ = re.compile(r"\.seq\b")  # .seq. and item.seq alike; not .seq_len, .seed
+
+
+def test_runtime_modules_exist():
+    assert {"pack.py", "runner.py", "burst.py"} <= {p.name for p in RUNTIME_FILES}
+
+
+@pytest.mark.parametrize("path", RUNTIME_FILES, ids=lambda p: p.name)
+def test_runtime_never_reads_the_live_sequence(path):
+    """The runtime packs from ScheduledSeq's snapshots only (``item.seq`` is the engine's):
+    no ``.seq.`` / ``item.seq`` / ``.seq`` anywhere in its source, comments included."""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        assert not LIVE_SEQ.search(line), f"{path.name}:{number} reads a live sequence: {line}"
+
+
+@pytest.mark.parametrize(
+    "line", ["x = item.seq.token_ids", "seq = item.seq", "f(plan.scheduled[0].seq)", "a.seq.b"]
+)
+def test_live_sequence_pattern_catches_reads(line):
+    assert LIVE_SEQ.search(line)
+
+
+@pytest.mark.parametrize("line", ["item.seed", "item.sequence", "num_seqs", "item.seq_len"])
+def test_live_sequence_pattern_spares_other_names(line):
+    assert not LIVE_SEQ.search(line)
 
 
 @pytest.mark.parametrize("path", ENGINE_FILES, ids=lambda p: p.name)

@@ -1,27 +1,37 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from paged_jax.engine.page_allocator import NULL_PAGE
+from paged_jax.engine.kv_cache import NULL_PAGE
 from paged_jax.engine.plan import ScheduledSeq, StepPlan
 from paged_jax.engine.sampling_params import SamplingParams
 from paged_jax.engine.sequence import Sequence
 from paged_jax.runtime.buckets import Buckets, pick_bucket, power_of_two_buckets
-from paged_jax.runtime.pack import pack, request_seed
+from paged_jax.runtime.pack import pack
 
 PAGE_SIZE = 4
 
 
 def item(seq: Sequence, start: int, num_new: int, page_ids, sample: bool = True) -> ScheduledSeq:
+    end = start + num_new
+    targets = ()
+    if seq.sampling_params.prompt_logprobs is not None:  # as the scheduler snapshots them
+        targets = tuple(seq.token_ids[start + 1 : min(end, seq.num_prompt_tokens - 1) + 1])
     return ScheduledSeq(
         seq=seq,
         start_position=start,
         num_new_tokens=num_new,
         sample=sample,
-        token_ids=tuple(seq.token_ids[start : start + num_new]),
+        token_ids=tuple(seq.token_ids[start:end]),
         page_ids=tuple(page_ids),
         sample_position=seq.num_output_tokens,
+        params=seq.sampling_params,
+        seed=seq.seed,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        prompt_targets=targets,
     )
 
 
@@ -63,6 +73,8 @@ def test_pack_values(plan):
     np.testing.assert_allclose(inputs.top_p[:2], [1.0, 0.9])
     np.testing.assert_allclose(inputs.min_p[:2], [0.0, 0.1])
     assert inputs.seeds[0] == 42
+    assert inputs.seeds[1] == plan.scheduled[1].seed  # unseeded: the request's own seed
+    assert not inputs.target_ids.any()  # no prompt_logprobs asked for
 
 
 def test_pack_dtypes_and_shapes(plan):
@@ -83,9 +95,45 @@ def test_unseeded_requests_get_a_seed_from_their_id():
     a = Sequence("same-id", [1], SamplingParams())
     b = Sequence("same-id", [2, 3], SamplingParams())
     c = Sequence("other-id", [1], SamplingParams())
-    assert request_seed(a) == request_seed(b) != request_seed(c)
-    assert request_seed(a, default_seed=1) != request_seed(a)
-    assert request_seed(Sequence("x", [1], SamplingParams(seed=-1))) == 2**32 - 1
+    assert a.seed == b.seed != c.seed
+    assert Sequence("same-id", [1], SamplingParams(), default_seed=1).seed != a.seed
+    assert Sequence("x", [1], SamplingParams(seed=-1)).seed == 2**32 - 1
+    assert Sequence("x", [1], SamplingParams(seed=2**32 + 5)).seed == 5
+    assert Sequence("x", [1], SamplingParams(seed=7), default_seed=1).seed == 7
+    assert all(0 <= s.seed < 2**32 for s in (a, b, c))
+
+
+def test_pack_reads_the_snapshot_not_the_live_sequence(plan):
+    """pack must take everything from the ScheduledSeq fields: changing the live sequence
+    after scheduling (as Scheduler.update does) must not change the packed arrays."""
+    before = pack(
+        plan, num_tokens_bucket=16, num_seqs_bucket=8, page_size=PAGE_SIZE, max_pages_per_seq=3
+    )
+    for i in plan.scheduled:
+        i.seq.append_token(55)
+        i.seq.num_computed_tokens += 3
+        i.seq.sampling_params = SamplingParams(temperature=0.0, seed=1, min_tokens=9)
+    after = pack(
+        plan, num_tokens_bucket=16, num_seqs_bucket=8, page_size=PAGE_SIZE, max_pages_per_seq=3
+    )
+    for field in dataclasses.fields(before):
+        np.testing.assert_array_equal(
+            getattr(after, field.name), getattr(before, field.name), err_msg=field.name
+        )
+
+
+def test_pack_writes_prompt_targets():
+    """With prompt_logprobs, each new token that has a next prompt token is scored on it."""
+    params = SamplingParams(prompt_logprobs=1)
+    seq = Sequence("p", range(100, 110), params)
+    first, last = item(seq, 0, 6, [5, 2], sample=False), item(seq, 6, 4, [5, 2, 4])
+    assert first.prompt_targets == tuple(range(101, 107))
+    assert last.prompt_targets == (107, 108, 109)  # the last prompt token has none
+    inputs = pack(
+        StepPlan((first, last)),
+        num_tokens_bucket=16, num_seqs_bucket=8, page_size=PAGE_SIZE, max_pages_per_seq=3,
+    )  # fmt: skip
+    assert inputs.target_ids.tolist() == [*range(101, 107), 107, 108, 109, 0] + [0] * 6
 
 
 def test_pack_rejects_too_small_buckets(plan):

@@ -11,32 +11,26 @@ from __future__ import annotations
 
 import dataclasses
 
-from paged_jax.engine.page_allocator import PageAllocator
+from paged_jax.engine.kv_cache import KVCacheManager
 from paged_jax.engine.plan import StepPlan
-from paged_jax.engine.sequence import cdiv
 
 
 def plan_burst(
-    plan: StepPlan,
-    allocator: PageAllocator,
-    *,
-    decode_steps: int,
-    max_model_len: int,
-    page_size: int,
+    plan: StepPlan, kv_cache: KVCacheManager, *, decode_steps: int, max_model_len: int
 ) -> StepPlan:
     """The plan as a decode burst when it qualifies and free pages allow (else unchanged)."""
     items = plan.scheduled
     if decode_steps < 2 or plan.preempted or not items:
         return plan
     for item in items:
-        params = item.seq.sampling_params
+        params = item.params
         if item.num_new_tokens != 1 or not item.sample:
             return plan
         if params.logprobs is not None or params.prompt_logprobs is not None:
             return plan
     caps = [
         min(
-            item.seq.sampling_params.max_tokens - item.seq.num_output_tokens,
+            item.params.max_tokens - item.seq.num_output_tokens,
             max_model_len - item.seq.num_tokens,
         )
         for item in items
@@ -44,20 +38,17 @@ def plan_burst(
     burst = decode_steps
     while burst > 1:
         steps = [max(1, min(burst, cap)) for cap in caps]
-        # Step j writes the K/V of position kv_len - 1 + j.
-        extra = [
-            max(0, cdiv(item.kv_len - 1 + n, page_size) - len(item.page_ids))
-            for item, n in zip(items, steps, strict=True)
-        ]
-        if sum(extra) <= allocator.num_free_pages:
+        # Step j writes the K/V of position kv_len - 1 + j: n steps write n tokens.
+        extra = [kv_cache.num_pages_to_append(i.seq, n) for i, n in zip(items, steps, strict=True)]
+        if sum(extra) <= kv_cache.num_free_pages:
             break
         burst //= 2
     if burst < 2 or max(steps) < 2:
         return plan
     scheduled = []
-    for item, num_extra in zip(items, extra, strict=True):
+    for item, n, num_extra in zip(items, steps, extra, strict=True):
         if num_extra:
-            item.seq.page_ids.extend(allocator.allocate(num_extra))
-            item = dataclasses.replace(item, page_ids=tuple(item.seq.page_ids))
+            kv_cache.append(item.seq, n)
+            item = dataclasses.replace(item, page_ids=kv_cache.page_table(item.seq))
         scheduled.append(item)
     return StepPlan(tuple(scheduled), plan.preempted, tuple(steps))

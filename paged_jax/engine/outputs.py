@@ -57,3 +57,23 @@ class RequestOutput:
     # per prompt token: None for the first, then {token id: logprob} of the top-k plus the
     # actual token (only when SamplingParams.prompt_logprobs is set)
     prompt_logprobs: list[dict[int, float] | None] | None = None
+
+
+@dataclasses.dataclass
+class BeamSequence:
+    """One finished beam: generated text and token ids (a final EOS included), and its score
+    (sum of log-probs / num_tokens ** length_penalty)."""
+
+    text: str
+    token_ids: list[int]
+    score: float
+
+
+@dataclasses.dataclass
+class BeamSearchOutput:
+    """``LLM.beam_search``'s result for one prompt: ``beam_width`` sequences, best first."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[BeamSequence]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from paged_jax.engine.sampling_params import SamplingParams
 from paged_jax.engine.sequence import Sequence
 
 
@@ -12,23 +13,25 @@ class ScheduledSeq:
     """One sequence's share of a step: tokens [start_position, start_position + num_new_tokens).
     Read-only by convention.
 
-    token_ids and page_ids are snapshots taken at schedule time, so packing does not depend
-    on when `Scheduler.update` mutates the sequence. sample is true only when the chunk reaches
-    the end of the sequence's known tokens: its last logit then yields the next token, which
-    will be output number `sample_position`.
+    Everything ``pack`` needs is here, as snapshots taken at schedule time, so the runtime
+    never reads the live ``seq`` (which the engine keeps for ``Scheduler.update``). sample is
+    true only when the chunk reaches the end of the sequence's known tokens: its last logit
+    then yields the next token, which will be output number `sample_position`.
     """
 
-    seq: Sequence
+    seq: Sequence  # the engine's; the runtime reads the fields below only
     start_position: int
     num_new_tokens: int
     sample: bool
     token_ids: tuple[int, ...]  # the num_new_tokens tokens to compute
     page_ids: tuple[int, ...]  # the page table covering start_position + num_new_tokens tokens
     sample_position: int  # len(output_token_ids) when scheduled
-
-    @property
-    def request_id(self) -> str:
-        return self.seq.request_id
+    params: SamplingParams
+    seed: int  # the request's sampling seed (Sequence.seed)
+    num_prompt_tokens: int
+    # with prompt_logprobs: the prompt token after each new token that has one, else ()
+    prompt_targets: tuple[int, ...] = ()
+    request_id: str = ""  # for messages
 
     @property
     def kv_len(self) -> int:
@@ -50,6 +53,8 @@ class StepPlan:
     scheduled: tuple[ScheduledSeq, ...]
     preempted: tuple[Sequence, ...] = ()
     num_steps: tuple[int, ...] = ()  # per scheduled item; empty: one ordinary step
+    # copy-on-write (src, dst) pages, copied on the device before this step writes K/V
+    page_copies: tuple[tuple[int, int], ...] = ()
 
     @property
     def burst_len(self) -> int:

@@ -18,10 +18,12 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k -1 and top_p 1 and min_p 0 switch those filters off.
     A seeded request yields the same tokens whatever else is in the batch; an unseeded one
-    gets a seed derived from its request id (see `paged_jax.runtime.pack`).
+    gets a seed derived from its request id (see `paged_jax.engine.sequence`). ``cache_salt``
+    keeps a request's cached KV pages apart from every request with another salt (tenants).
     """
 
-    n: int = 1
+    n: int = 1  # completions of the prompt; they share its KV pages
+    best_of: int | None = None  # rejected: see __post_init__
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -36,12 +38,16 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: return token ids only (text ""), no stop strings
+    cache_salt: str | None = None  # prefix-cache namespace: requests of other salts never share
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n={self.n!r} must be an int >= 1")
-        if self.n != 1:
-            raise ValueError(f"n={self.n} is not supported yet: only n=1 is")
+        if self.best_of is not None:
+            raise ValueError(
+                f"best_of={self.best_of!r} is not supported (vLLM V1 dropped it too): "
+                "use n=k and rank the completions yourself, or LLM.beam_search"
+            )
         if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool):
             raise ValueError(f"temperature={self.temperature!r} must be a float")
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -81,6 +87,10 @@ class SamplingParams:
             raise ValueError(f"detokenize={self.detokenize!r} must be a bool")
         if not self.detokenize and self.stop_strings:
             raise ValueError(f"stop={self.stop!r} needs detokenize=True")
+        if self.cache_salt is not None and (
+            not isinstance(self.cache_salt, str) or not self.cache_salt
+        ):
+            raise ValueError(f"cache_salt={self.cache_salt!r} must be a non-empty str or None")
         if not isinstance(self.skip_special_tokens, bool):
             raise ValueError(f"skip_special_tokens={self.skip_special_tokens!r} must be a bool")
 

@@ -1,5 +1,6 @@
 """Continuous-batching scheduler: which sequences run each step, with how many tokens, and
-which pages they get; applies each step's sampled tokens and decides when requests stop.
+asks the KV cache manager for their pages; applies each step's sampled tokens and decides when
+requests stop. It never touches page ids: ``engine.kv_cache`` owns them.
 
 Policy (first come, first served). Each step has a token budget (max_num_batched_tokens) and
 at most max_num_seqs sequences: running decodes first (1 token each), then running prefills
@@ -10,7 +11,14 @@ itself: then it just waits): its pages are freed, its outputs kept, and it goes 
 front of the waiting queue to be recomputed as prompt + outputs. The oldest running sequence is
 never a victim of another, so it always progresses. Admission leaves one free page per running
 sequence, so that the next steps' decodes need not at once preempt the newcomer; no admission
-happens in a step that preempted.
+happens in a step that preempted. With prefix caching, an admitted sequence starts past the
+longest chain of cached pages of its tokens, so only the rest is computed (and counted
+against the budget); a preempted sequence's full pages stay cached, so its recompute hits.
+
+Groups (n > 1 completions, beams; ``SequenceGroup``) are admitted and preempted whole: the
+leader prefills the prompt but its last token, then every member is forked off its pages and
+computes the rest itself; the first write into a shared page copies it (copy-on-write: the
+plan carries the copies). A group is admitted only when all its members fit max_num_seqs.
 
 With ``decode_steps`` > 1 a decode-only plan may become a burst (``engine.burst``); ``update``
 then applies each sequence's tokens in order and drops those past a stop, so the output is
@@ -26,52 +34,32 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as SequenceOf
 
+from paged_jax.engine.beam import BeamGroup, BeamUpdate
 from paged_jax.engine.burst import plan_burst
+from paged_jax.engine.kv_cache import KVCacheManager
 from paged_jax.engine.outputs import FinishReason
-from paged_jax.engine.page_allocator import PageAllocator
 from paged_jax.engine.plan import ScheduledSeq, StepPlan
-from paged_jax.engine.sequence import Sequence, SequenceStatus, cdiv
+from paged_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """reserve_full ("contiguous mode") makes each request reserve max_pages_per_seq pages at
-    admission, the reservation scheme PagedAttention is compared against."""
+    """reserve_full ("contiguous mode") makes each request reserve max_model_len tokens of
+    pages at admission, the reservation scheme PagedAttention is compared against."""
 
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
-    page_size: int
-    num_pages: int
     reserve_full: bool = False
     decode_steps: int = 1  # most decode steps per burst (1: no bursts)
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_num_seqs",
-            "max_num_batched_tokens",
-            "max_model_len",
-            "page_size",
-            "decode_steps",
-        ):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "decode_steps"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
-        if not isinstance(self.num_pages, int) or self.num_pages < 2:
-            raise ValueError(f"num_pages={self.num_pages!r} must be an int >= 2 (page 0 is null)")
-        if self.max_pages_per_seq > self.num_pages - 1:
-            raise ValueError(
-                f"max_model_len={self.max_model_len} needs {self.max_pages_per_seq} pages of "
-                f"page_size={self.page_size}, but num_pages={self.num_pages} leaves "
-                f"{self.num_pages - 1} usable: at most {(self.num_pages - 1) * self.page_size} "
-                "tokens would fit"
-            )
-
-    @property
-    def max_pages_per_seq(self) -> int:
-        return cdiv(self.max_model_len, self.page_size)
 
 
 @dataclasses.dataclass
@@ -85,11 +73,25 @@ class Scheduler:
     def __init__(
         self,
         config: SchedulerConfig,
+        kv_cache: KVCacheManager,
         eos_token_ids: Iterable[int] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        max_pages = kv_cache.pages_for(config.max_model_len)
+        if max_pages > kv_cache.num_usable_pages:
+            raise ValueError(
+                f"max_model_len={config.max_model_len} needs {max_pages} pages of "
+                f"page_size={kv_cache.page_size}, but num_pages={kv_cache.num_pages} leaves "
+                f"{kv_cache.num_usable_pages} usable: at most "
+                f"{kv_cache.capacity(kv_cache.num_usable_pages)} tokens would fit"
+            )
+        if config.reserve_full and kv_cache.enable_prefix_caching:
+            raise ValueError(
+                "reserve_full=True (contiguous reservation) shares no pages: "
+                "set enable_prefix_caching=False with it"
+            )
         self.config = config
-        self.allocator = PageAllocator(config.num_pages, config.page_size)
+        self.kv_cache = kv_cache
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self._clock = clock
         self._waiting: deque[Sequence] = deque()
@@ -116,15 +118,25 @@ class Scheduler:
                 f"prompt_token_ids of request {seq.request_id!r} has {num_tokens} tokens, "
                 f"more than max_model_len={self.config.max_model_len}"
             )
-        if seq.status is not SequenceStatus.WAITING or seq.page_ids:
+        if seq.status is not SequenceStatus.WAITING or self.kv_cache.num_pages_of(seq):
             raise ValueError(f"{seq!r} was already scheduled")
+        if seq.group is not None:
+            if len(seq.group.members) > self.config.max_num_seqs:
+                raise ValueError(
+                    f"request {seq.request_id!r} has {len(seq.group.members)} completions, "
+                    f"more than max_num_seqs={self.config.max_num_seqs} can run together"
+                )
+            seq = seq.group.prepare_prefill()
         self._waiting.append(seq)
 
     def schedule(self) -> StepPlan:
         builder = _PlanBuilder(budget=self.config.max_num_batched_tokens)
+        for seq in list(self._running):
+            if self._ready_to_fork(seq):
+                self._fork_group(seq)
         decodes, prefills = [], []
         for seq in self._running:
-            (decodes if seq.num_uncomputed_tokens == 1 else prefills).append(seq)
+            (decodes if seq.num_schedulable_tokens == 1 else prefills).append(seq)
         for seq in decodes + prefills:
             if builder.budget == 0 or len(builder.items) == self.config.max_num_seqs:
                 break
@@ -133,13 +145,14 @@ class Scheduler:
         if not builder.preempted:  # re-admitting now would only preempt again
             self._admit_waiting(builder)
         cfg = self.config
-        return plan_burst(
+        plan = plan_burst(
             StepPlan(tuple(builder.items.values()), tuple(builder.preempted)),
-            self.allocator,
+            self.kv_cache,
             decode_steps=cfg.decode_steps,
             max_model_len=cfg.max_model_len,
-            page_size=cfg.page_size,
         )
+        copies = self.kv_cache.take_copies()
+        return dataclasses.replace(plan, page_copies=copies) if copies else plan
 
     def update(
         self, plan: StepPlan, sampled_token_ids: SequenceOf[int] | SequenceOf[SequenceOf[int]]
@@ -160,7 +173,8 @@ class Scheduler:
                 continue  # finished by the caller since the plan was made
             assert seq.num_computed_tokens == item.start_position, (seq, item)
             seq.num_computed_tokens += item.num_new_tokens
-            if not item.sample:
+            if not item.sample or (seq.group is not None and seq.group.is_beam):
+                self.kv_cache.commit(seq)  # a beam's next token is its group's choice
                 continue
             token_ids = sampled[: plan.num_steps[row]] if plan.num_steps else [sampled]
             if seq.first_token_time is None:
@@ -177,10 +191,34 @@ class Scheduler:
                 seq.token_ids.extend(int(t) for t in token_ids)
                 seq.num_computed_tokens += len(token_ids) - 1
                 stop = self._check_stop(seq, seq.token_ids[-1])
+            self.kv_cache.commit(seq)
             if stop is not None:
                 self._finish(seq, stop[0], stop[1], now)
                 finished.append(seq)
         return finished
+
+    def apply_beam_update(self, group: BeamGroup, update: BeamUpdate) -> list[Sequence]:
+        """Carry out a beam group's update: forks share the parent's pages, extended beams get
+        their next token, dropped beams free theirs. Returns the new beams."""
+        new = []
+        for parent, token, score in update.fork:
+            child = Sequence(parent.request_id, parent.prompt_token_ids, parent.sampling_params,
+                             prompt=parent.prompt, arrival_time=parent.arrival_time)  # fmt: skip
+            child.token_ids = [*parent.token_ids, token]
+            child.first_token_time = parent.first_token_time
+            self.kv_cache.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = SequenceStatus.RUNNING
+            self._running.insert(self._running.index(parent) + 1, child)
+            group.add_beam(child, score)
+            new.append(child)
+        for beam, token, _ in update.extend:
+            beam.append_token(token)
+        now = self._clock()
+        for beam in update.drop:
+            self._finish(beam, "abort", None, now)
+        group.prune()
+        return new
 
     def finish(
         self,
@@ -202,78 +240,133 @@ class Scheduler:
             seq.finish_reason, seq.stop_reason = reason, stop_reason
 
     def kv_utilization(self) -> float:
-        """Tokens whose K/V is in the cache / capacity of the allocated pages (0.0 when none are
-        allocated). Exact between steps, i.e. after `update`."""
-        num_used_pages = self.allocator.num_used_pages
-        if num_used_pages == 0:
+        """Tokens whose K/V is in the cache / capacity of the pages in use (0.0 when none are);
+        a shared page counts once. Exact between steps, i.e. after `update`."""
+        kv = self.kv_cache
+        if kv.num_used_pages == 0:
             return 0.0
-        num_cached_tokens = sum(s.num_computed_tokens for s in self._running)
-        return num_cached_tokens / (num_used_pages * self.config.page_size)
+        return kv.num_filled_tokens / kv.capacity(kv.num_used_pages)
 
     def _schedule_running(self, seq: Sequence, builder: _PlanBuilder) -> None:
-        page_size = self.config.page_size
-        while (num_fitting := seq.num_tokens_fitting(page_size, self.allocator.num_free_pages)) < 1:
-            victim = self._running[-1]
-            self._preempt(victim, builder)
-            if victim is seq:
-                return
-        num_new_tokens = min(seq.num_uncomputed_tokens, builder.budget, num_fitting)
+        if seq.num_schedulable_tokens < 1:
+            return  # a leader whose group forks at the next step
+        while (num_fitting := self.kv_cache.num_tokens_fitting(seq)) < 1:
+            self._preempt(self._running[-1], builder)
+            if seq.status is not SequenceStatus.RUNNING:
+                return  # preempted itself (or its group)
+        num_new_tokens = min(seq.num_schedulable_tokens, builder.budget, num_fitting)
         self._schedule(seq, num_new_tokens, builder)
 
     def _admit_waiting(self, builder: _PlanBuilder) -> None:
         cfg = self.config
-        while self._waiting and builder.budget > 0 and len(self._running) < cfg.max_num_seqs:
-            seq = self._waiting[0]
-            num_new_tokens = min(seq.num_uncomputed_tokens, builder.budget)
+        while self._waiting and builder.budget > 0:
+            seq, kv = self._waiting[0], self.kv_cache
+            num_members = len(seq.group.unfinished) if seq.group is not None else 1
+            if len(self._running) + num_members > cfg.max_num_seqs:
+                break
             if cfg.reserve_full:
-                if not self.allocator.can_allocate(cfg.max_pages_per_seq):
+                if not kv.can_allocate([], cfg.max_model_len):
                     break
-                seq.page_ids = self.allocator.allocate(cfg.max_pages_per_seq)
+                num_new_tokens = min(seq.num_schedulable_tokens, builder.budget)
+                kv.allocate(seq, [], cfg.max_model_len)
             else:
+                hit = kv.match_prefix(seq)
+                num_hit_tokens = kv.capacity(len(hit))
                 # Leave one free page per running sequence, so that the next step's decodes
                 # need not preempt the newcomer right away.
-                num_spare_pages = self.allocator.num_free_pages - len(self._running)
-                num_fitting = seq.num_tokens_fitting(cfg.page_size, max(0, num_spare_pages))
-                num_new_tokens = min(num_new_tokens, num_fitting)
-                if num_new_tokens < 1:
+                num_fitting = kv.num_admissible_tokens(hit, num_spare_pages=len(self._running))
+                num_wanted = seq.num_schedulable_tokens - num_hit_tokens
+                num_new_tokens = min(num_wanted, builder.budget, num_fitting)
+                if num_new_tokens < 1 and num_wanted > 0:
                     break
+                seq.num_computed_tokens = kv.allocate(seq, hit, num_hit_tokens + num_new_tokens)
             self._waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self._running.append(seq)
+            if num_new_tokens > 0:
+                self._schedule(seq, num_new_tokens, builder)
+            elif self._ready_to_fork(seq):  # the prompt was cached (or is one token long)
+                for member in self._fork_group(seq):
+                    self._schedule_if_fits(member, builder)
+
+    def _ready_to_fork(self, seq: Sequence) -> bool:
+        return (
+            seq.group is not None
+            and not seq.group.forked
+            and seq.prefill_limit is not None
+            and seq.num_computed_tokens == seq.prefill_limit
+        )
+
+    def _fork_group(self, leader: Sequence) -> list[Sequence]:
+        """Every unfinished member of the leader's group shares the leader's pages now and
+        runs; returns them, leader first (they follow it in admission order)."""
+        group: SequenceGroup = leader.group
+        members = group.unfinished
+        at = self._running.index(leader) + 1
+        for member in members[1:]:
+            self.kv_cache.fork(leader, member)
+            member.num_computed_tokens = leader.num_computed_tokens
+            member.status = SequenceStatus.RUNNING
+        self._running[at:at] = members[1:]
+        leader.prefill_limit = None
+        group.forked = True
+        return members
+
+    def _schedule_if_fits(self, seq: Sequence, builder: _PlanBuilder) -> None:
+        """Schedule what fits of a just-forked member, preempting nobody."""
+        if builder.budget == 0 or len(builder.items) == self.config.max_num_seqs:
+            return
+        num_new_tokens = min(
+            seq.num_schedulable_tokens, builder.budget, self.kv_cache.num_tokens_fitting(seq)
+        )
+        if num_new_tokens > 0:
             self._schedule(seq, num_new_tokens, builder)
 
     def _schedule(self, seq: Sequence, num_new_tokens: int, builder: _PlanBuilder) -> None:
-        token_ids = seq.token_ids
+        token_ids, params = seq.token_ids, seq.sampling_params
         start = seq.num_computed_tokens
         end = start + num_new_tokens
-        num_new_pages = cdiv(end, self.config.page_size) - len(seq.page_ids)
-        if num_new_pages > 0:
-            seq.page_ids.extend(self.allocator.allocate(num_new_pages))
+        self.kv_cache.append(seq, num_new_tokens)
+        targets = ()
+        if params.prompt_logprobs is not None:  # token p + 1 is scored at position p
+            targets = tuple(token_ids[start + 1 : min(end, seq.num_prompt_tokens - 1) + 1])
         builder.items[seq.seq_id] = ScheduledSeq(
             seq=seq,
             start_position=start,
             num_new_tokens=num_new_tokens,
             sample=end == len(token_ids),
             token_ids=tuple(token_ids[start:end]),
-            page_ids=tuple(seq.page_ids),
+            page_ids=self.kv_cache.page_table(seq),
             sample_position=len(token_ids) - seq.num_prompt_tokens,
+            params=params,
+            seed=seq.seed,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            prompt_targets=targets,
+            request_id=seq.request_id,
         )
         builder.budget -= num_new_tokens
 
-    def _preempt(self, seq: Sequence, builder: _PlanBuilder) -> None:
-        self._running.remove(seq)
-        item = builder.items.pop(seq.seq_id, None)
-        if item is not None:  # scheduled earlier in this step: give its tokens back
-            builder.budget += item.num_new_tokens
-        self.allocator.free(seq.page_ids)
-        seq.page_ids = []
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
-        self._waiting.appendleft(seq)  # victims come newest first, so older ones end in front
-        builder.preempted.append(seq)
-        self.num_preemptions += 1
-        logger.debug("preempted %r (%d preemptions so far)", seq, self.num_preemptions)
+    def _preempt(self, victim: Sequence, builder: _PlanBuilder) -> None:
+        """Preempt by recompute: the victim (its whole group) gives its pages back and goes
+        to the front of the waiting queue."""
+        group = victim.group
+        seqs = [victim] if group is None else group.unfinished
+        for seq in seqs:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # a member not forked yet
+            self._running.remove(seq)
+            item = builder.items.pop(seq.seq_id, None)
+            if item is not None:  # scheduled earlier in this step: give its tokens back
+                builder.budget += item.num_new_tokens
+            self.kv_cache.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+            seq.num_preemptions += 1
+            builder.preempted.append(seq)
+            self.num_preemptions += 1
+            logger.debug("preempted %r (%d preemptions so far)", seq, self.num_preemptions)
+        queued = victim if group is None else group.prepare_prefill()
+        self._waiting.appendleft(queued)  # victims come newest first: older ones end in front
 
     def _check_stop(self, seq: Sequence, token_id: int) -> tuple[FinishReason, int | None] | None:
         params = seq.sampling_params
@@ -291,13 +384,16 @@ class Scheduler:
     def _finish(
         self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None, now: float
     ) -> None:
+        queued_at = None
         if seq.status is SequenceStatus.RUNNING:
             self._running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self._waiting:
-            self._waiting.remove(seq)
-        self.allocator.free(seq.page_ids)
-        seq.page_ids = []
+            queued_at = self._waiting.index(seq)
+            del self._waiting[queued_at]
+        self.kv_cache.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         seq.finished_time = now
+        if queued_at is not None and seq.group is not None and seq.group.unfinished:
+            self._waiting.insert(queued_at, seq.group.prepare_prefill())  # the next leader

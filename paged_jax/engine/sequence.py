@@ -1,16 +1,19 @@
-"""One request's token stream, its page table and its progress through the KV cache."""
+"""One request's token stream and its progress through the KV cache (its pages belong to the
+KV cache manager)."""
 
 from __future__ import annotations
 
 import enum
 import itertools
 import time
+import zlib
 from collections.abc import Iterable
 
 from paged_jax.engine.outputs import FinishReason, RequestMetrics
 from paged_jax.engine.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
+_UINT32_MASK = 0xFFFFFFFF
 
 
 class SequenceStatus(enum.Enum):
@@ -23,11 +26,62 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def completion_seed(seed: int, index: int) -> int:
+    """The seed of completion ``index`` of a request seeded ``seed`` (n > 1): completion i
+    draws exactly as a lone request with ``SamplingParams(seed=completion_seed(seed, i))``
+    would; completion 0 keeps the request's own seed."""
+    if index == 0:
+        return seed & _UINT32_MASK
+    return zlib.crc32(f"completion/{index}".encode(), seed & _UINT32_MASK)
+
+
+class SequenceGroup:
+    """The completions (n > 1) or beams of one request: admitted and preempted together.
+
+    The prompt is prefilled once, by the first unfinished member (the leader) up to its last
+    token; then every unfinished member is forked off the leader's pages (``forked``) and each
+    computes the last prompt token and its own outputs. Preemption takes the whole group back
+    to that state; its members keep their outputs.
+    """
+
+    is_beam = False  # beams: the group picks each next token (engine.beam)
+
+    def __init__(self, members: list[Sequence]) -> None:
+        self.members = members
+        self.forked = False
+        for seq in members:
+            seq.group = self
+
+    @property
+    def unfinished(self) -> list[Sequence]:
+        return [s for s in self.members if not s.is_finished]
+
+    @property
+    def leader(self) -> Sequence:
+        return self.unfinished[0]
+
+    def prepare_prefill(self) -> Sequence:
+        """Reset to "leader prefills the prompt, then fork"; returns the leader."""
+        self.forked = False
+        unfinished = self.unfinished
+        leader = unfinished[0]
+        leader.prefill_limit = leader.num_prompt_tokens - 1 if len(unfinished) > 1 else None
+        return leader
+
+
 class Sequence:
     """Prompt and output tokens of one request, and which of them have KV in the cache.
 
-    Invariant: tokens [0, num_computed_tokens) have their K/V in the pages `page_ids`
-    (token at position p lives in page page_ids[p // page_size], offset p % page_size).
+    Invariant: tokens [0, num_computed_tokens) have their K/V in the pages of its page table
+    (``KVCacheManager.page_table(seq)``).
+
+    ``seed`` is the request's seed, or for an unseeded request a fixed value derived from its
+    request id and the engine's ``default_seed`` (completion ``index`` of n > 1 then takes
+    ``completion_seed``): the sampler keys each draw on (seed, output index) only, so a
+    request's tokens do not depend on the batch around it.
+
+    ``prefill_limit``: while set, the scheduler computes no token at or past it (a group's
+    leader prefills its prompt but the last token, then the group forks).
     """
 
     def __init__(
@@ -38,6 +92,8 @@ class Sequence:
         *,
         prompt: str | None = None,
         arrival_time: float | None = None,
+        default_seed: int = 0,
+        index: int = 0,
     ) -> None:
         self.request_id = request_id
         self.seq_id = next(_seq_ids)
@@ -46,7 +102,14 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
         self.sampling_params = sampling_params
         self.status = SequenceStatus.WAITING
-        self.page_ids: list[int] = []  # this sequence's page table
+        if sampling_params.seed is not None:
+            seed = sampling_params.seed & _UINT32_MASK
+        else:
+            seed = zlib.crc32(request_id.encode(), default_seed & _UINT32_MASK)
+        self.index = index  # completion (or beam) index within its request
+        self.seed = completion_seed(seed, index)
+        self.group: SequenceGroup | None = None
+        self.prefill_limit: int | None = None
         self.num_computed_tokens = 0
         self.num_preemptions = 0
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -59,7 +122,7 @@ class Sequence:
         return (
             f"Sequence(request_id={self.request_id!r}, seq_id={self.seq_id}, "
             f"status={self.status.name}, num_tokens={self.num_tokens}, "
-            f"num_computed_tokens={self.num_computed_tokens}, num_pages={len(self.page_ids)})"
+            f"num_computed_tokens={self.num_computed_tokens})"
         )
 
     @property
@@ -74,6 +137,12 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         """Known tokens whose K/V is not in the cache yet (1 for a sequence in decode)."""
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_schedulable_tokens(self) -> int:
+        """Uncomputed tokens the scheduler may compute now (stops at ``prefill_limit``)."""
+        end = len(self.token_ids) if self.prefill_limit is None else self.prefill_limit
+        return end - self.num_computed_tokens
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -94,19 +163,6 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
-
-    def num_pages_needed(self, page_size: int, num_tokens: int | None = None) -> int:
-        """Pages that hold `num_tokens` tokens (default: all known tokens)."""
-        return cdiv(self.num_tokens if num_tokens is None else num_tokens, page_size)
-
-    def num_new_pages_needed(self, page_size: int, num_new_tokens: int) -> int:
-        """Pages to add so that `num_new_tokens` more tokens fit after the computed ones."""
-        total = self.num_pages_needed(page_size, self.num_computed_tokens + num_new_tokens)
-        return max(0, total - len(self.page_ids))
-
-    def num_tokens_fitting(self, page_size: int, num_free_pages: int) -> int:
-        """How many more tokens fit in this sequence's pages plus `num_free_pages` new ones."""
-        return (len(self.page_ids) + num_free_pages) * page_size - self.num_computed_tokens
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(int(token_id))

@@ -1,4 +1,4 @@
-"""Ragged paged attention: one contract (DESIGN.md §4), three backends, chosen here.
+"""Ragged paged attention: one contract (docs/kernels.md), three backends, chosen here.
 
 `ragged_paged_attention(..., impl="auto")` picks by `jax.default_backend()`: the Pallas Mosaic
 TPU kernel on TPU, the Pallas GPU kernel on GPU, the plain-jnp reference elsewhere (CPU).

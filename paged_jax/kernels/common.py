@@ -1,4 +1,4 @@
-"""Input checks shared by every ragged-paged-attention backend (the contract of DESIGN.md §4).
+"""Input checks shared by every ragged-paged-attention backend (the contract in docs/kernels.md).
 
 All backends take the same arguments; this module owns the shape and dtype rules so that a
 wrong call fails the same way whichever backend runs it. Checks are static (shapes, dtypes,

@@ -358,7 +358,7 @@ def ragged_paged_attention(
     block_sizes: GpuBlockSizes = DEFAULT_BLOCK_SIZES,
     interpret: bool = False,
 ) -> jax.Array:
-    """Ragged paged attention on GPU (contract: DESIGN.md §4); returns q.dtype [T, Hq, D]."""
+    """Ragged paged attention on GPU (contract: docs/kernels.md); returns q.dtype [T, Hq, D]."""
     # q: [T, Hq, D]; k_pages/v_pages: [Hkv, P, page_size, D]; kv_lens: i32[S]
     # page_tables: i32[S, max_pages_per_seq]; cu_q_lens: i32[S+1]; num_seqs: i32[1]
     shape = check_attention_args(

@@ -1,6 +1,7 @@
 """Plain-jnp ragged paged attention and KV writes: the CPU engine path and the kernels' yardstick.
 
-Ragged paged attention (DESIGN.md §4) is computed block by block over the packed q rows.
+Ragged paged attention (the contract in docs/kernels.md) is computed block by block over the
+packed q rows.
 A block whose live rows all belong to one sequence (prefill chunks) gathers that sequence's
 pages once and runs a small matmul per kv step; a block that spans several sequences (decode
 rows, chunk boundaries) gathers pages per row. Each block loops over kv steps with an online
@@ -154,7 +155,7 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     block_sizes: ReferenceBlockSizes = DEFAULT_BLOCK_SIZES,
 ) -> jax.Array:
-    """Ragged paged attention in plain jnp (contract: DESIGN.md §4); returns q.dtype [T, Hq, D].
+    """Ragged paged attention in plain jnp (contract: docs/kernels.md); returns q.dtype [T, Hq, D].
 
     Rows past cu_q_lens[num_seqs] are padding and come back as 0.
     """

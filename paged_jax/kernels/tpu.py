@@ -199,7 +199,7 @@ def ragged_paged_attention(
     block_sizes: TpuBlockSizes = DEFAULT_BLOCK_SIZES,
     interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
-    """Ragged paged attention on TPU (contract: DESIGN.md §4); returns q.dtype [T, Hq, D].
+    """Ragged paged attention on TPU (contract: docs/kernels.md); returns q.dtype [T, Hq, D].
 
     `interpret=pltpu.InterpretParams()` runs the kernel in the TPU interpreter (on CPU).
     """

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from paged_jax.engine.page_allocator import NULL_PAGE
+from paged_jax.engine.kv_cache import NULL_PAGE
 
 
 def advance(

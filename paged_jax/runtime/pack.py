@@ -8,22 +8,19 @@ NULL_PAGE, logits index 0 and do_sample False.
 Sampling: each row carries its request's seed and the output index of the token it samples
 (sample_positions). The sampler derives its key from (seed, sample_position) only, so a seeded
 request yields the same tokens whatever the batch, bucket or preemptions around it. Unseeded
-requests get a seed derived from their request id (and the engine's `default_seed`).
+requests carry a seed derived from their request id (``engine.sequence``).
+
+Only the plan's ``ScheduledSeq`` snapshots are read, never the live sequences.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import zlib
 
 import numpy as np
 
-from paged_jax.engine.page_allocator import NULL_PAGE
+from paged_jax.engine.kv_cache import NULL_PAGE
 from paged_jax.engine.plan import StepPlan
-from paged_jax.engine.sequence import Sequence
-
-_UINT32_MASK = 0xFFFFFFFF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,19 +44,6 @@ class StepInputs:
     target_ids: np.ndarray  # i32[T]  the next prompt token (scored by prompt_logprobs), else 0
 
 
-def request_seed(seq: Sequence, default_seed: int = 0) -> int:
-    """The request's seed, or for an unseeded request a fixed value from its request id."""
-    seed = seq.sampling_params.seed
-    if seed is not None:
-        return seed & _UINT32_MASK
-    return _id_seed(seq.request_id, default_seed & _UINT32_MASK)
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _id_seed(request_id: str, default_seed: int) -> int:
-    return zlib.crc32(request_id.encode(), default_seed)
-
-
 def pack(
     plan: StepPlan,
     *,
@@ -67,7 +51,6 @@ def pack(
     num_seqs_bucket: int,
     page_size: int,
     max_pages_per_seq: int,
-    default_seed: int = 0,
 ) -> StepInputs:
     num_seqs = plan.num_seqs
     num_tokens = plan.num_tokens
@@ -93,14 +76,12 @@ def pack(
         if item.kv_len > num_pages * page_size:
             raise ValueError(f"request {item.request_id!r}: kv_len {item.kv_len} exceeds pages")
         token_ids.extend(item.token_ids)
-        if item.seq.sampling_params.prompt_logprobs is not None:
+        if item.prompt_targets:
             start = len(token_ids) - item.num_new_tokens
-            stop = min(item.kv_len, item.seq.num_prompt_tokens - 1) - item.start_position
-            for i in range(max(stop, 0)):
-                targets[start + i] = item.seq.token_ids[item.start_position + i + 1]
+            targets[start : start + len(item.prompt_targets)] = item.prompt_targets
         page_ids.extend(item.page_ids)
         num_pages_per_row.append(num_pages)
-        params = item.seq.sampling_params
+        params = item.params
         per_seq.append(
             (
                 item.num_new_tokens,
@@ -109,7 +90,7 @@ def pack(
                 params.top_k,
                 params.top_p,
                 params.min_p,
-                request_seed(item.seq, default_seed),
+                item.seed,
                 item.sample_position,
                 item.sample,
                 item.sample_position < params.min_tokens,

@@ -3,17 +3,20 @@
 ``run(plan)`` picks the smallest (T, S) bucket, packs the plan into padded arrays, calls that
 bucket's executable (KV state donated) and returns the sampled token ids; a decode burst calls
 it once per step, with ``runtime.burst.advance`` making the next inputs on the device. Warmup
-compiles every reachable bucket ahead of time and logs the seconds each took; after warmup
-every backend compile is counted (``num_compiles_after_warmup``) — it must stay 0.
+compiles every reachable bucket ahead of time (a progress bar, with the persistent cache's
+hits and misses) and logs the seconds each took; after warmup every backend compile that
+happens inside this runner's ``run`` is counted (``num_compiles_after_warmup``) — it must stay
+0. Compiles elsewhere (the user's own jnp code, another engine) are not this runner's.
+
+Nothing module-level refers to a runner: dropping the engine frees its params and KV pages.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import logging
-import os
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -28,30 +31,44 @@ from paged_jax.runtime.buckets import Buckets
 from paged_jax.runtime.burst import advance
 from paged_jax.runtime.pack import StepInputs, pack
 from paged_jax.runtime.select import GREEDY, SELECT_INPUTS, SelectMode, make_select, select_mode
-from paged_jax.runtime.state import KVState
+from paged_jax.runtime.state import KVState, copy_pages
 from paged_jax.runtime.step import VARIANTS, make_step
+from paged_jax.runtime.warmup import compile_all
 
 logger = logging.getLogger(__name__)
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_listening_runners: list[ModelRunner] = []
+_compiles = threading.local()  # backend compiles of the current thread (its .count)
+_listener_lock = threading.Lock()
+_listener_installed = False
 
 
 def _on_event(event: str, duration: float, **_: Any) -> None:
     if event == _COMPILE_EVENT:
-        for runner in _listening_runners:
-            if runner.warmed_up:
-                runner.num_compiles_after_warmup += 1
-
-
-_listener_installed = False
+        _compiles.count = getattr(_compiles, "count", 0) + 1
 
 
 def _install_listener() -> None:
+    """One process-wide listener that counts compiles per thread; it holds no runner."""
     global _listener_installed
-    if not _listener_installed:
-        jax.monitoring.register_event_duration_secs_listener(_on_event)
-        _listener_installed = True
+    with _listener_lock:
+        if not _listener_installed:
+            jax.monitoring.register_event_duration_secs_listener(_on_event)
+            _listener_installed = True
+
+
+def _thread_compiles() -> int:
+    return getattr(_compiles, "count", 0)
+
+
+class ExecutableKey(NamedTuple):
+    """One compiled executable: a step variant ("plain" | "prompt") or "advance" (a burst's
+    next inputs) of a (num_tokens, num_seqs) bucket, a selector (num_tokens 0), or "copy"
+    (copy-on-write of up to num_seqs pages; num_tokens 0)."""
+
+    num_tokens: int
+    num_seqs: int
+    kind: str | SelectMode
 
 
 def enable_compilation_cache(path: str) -> None:
@@ -74,14 +91,12 @@ class ModelRunner:
         kv_dtype: Any,
         attn_impl: str = "auto",
         eos_token_ids: tuple[int, ...] = (),
-        seed: int = 0,
     ) -> None:
         self.cfg = cfg
         self.params = params
         self.page_size = page_size
         self.max_pages_per_seq = max_pages_per_seq
         self.buckets = buckets
-        self.seed = seed
         self.kv = KVState.create(cfg, num_pages, page_size, kv_dtype)
         self._steps = {
             variant: jax.jit(
@@ -91,17 +106,16 @@ class ModelRunner:
             for variant in VARIANTS
         }
         self._advance = jax.jit(functools.partial(advance, page_size=page_size))
+        self._copy = jax.jit(copy_pages, donate_argnums=(0,))
         self._select = functools.partial(make_select, eos_token_ids=eos_token_ids,
                                          vocab_size=cfg.vocab_size)  # fmt: skip
-        # Keyed by (T, S, kind): kind is a step variant, "advance" (a burst's next inputs) or a
-        # SelectMode (then T is 0: a selector depends on S only).
-        self._executables: dict[tuple[int, int, Any], Any] = {}
-        self.warmup_seconds: dict[tuple[int, int, Any], float] = {}
+        self._executables: dict[ExecutableKey, Any] = {}
+        self.warmup_seconds: dict[ExecutableKey, float] = {}
         self.warmed_up = False
         self.num_compiles_after_warmup = 0
         self.last_timing = (0.0, 0.0, 0.0)
+        self.warmup_cache = {"hits": 0, "misses": 0}  # persistent compilation cache
         _install_listener()
-        _listening_runners.append(self)
 
     def _inputs_spec(self, num_tokens: int, num_seqs: int) -> dict[str, jax.ShapeDtypeStruct]:
         empty = pack(
@@ -113,7 +127,7 @@ class ModelRunner:
         )
         return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _as_dict(empty).items()}
 
-    def _lower(self, key: tuple[int, int, Any]) -> Any:
+    def _lower(self, key: ExecutableKey) -> Any:
         num_tokens, num_seqs, kind = key
         inputs = self._inputs_spec(max(num_tokens, num_seqs), num_seqs)
         row = jax.ShapeDtypeStruct((num_seqs,), jnp.int32)
@@ -121,6 +135,8 @@ class ModelRunner:
             logits = jax.ShapeDtypeStruct((num_seqs, self.cfg.vocab_size), jnp.float32)
             chosen = {k: inputs[k] for k in SELECT_INPUTS}
             lowered = jax.jit(self._select(kind)).lower(logits, row, chosen)
+        elif kind == "copy":
+            lowered = self._copy.lower(self.kv, row, row)
         elif kind == "advance":
             lowered = self._advance.lower(
                 inputs, row, row, row, jax.ShapeDtypeStruct((), jnp.int32)
@@ -129,36 +145,39 @@ class ModelRunner:
             lowered = self._steps[kind].lower(self.params, self.kv, inputs)
         return lowered
 
-    def _compile(self, key: tuple[int, int, Any], lowered: Any = None) -> Any:
+    def _compile(self, key: ExecutableKey, lowered: Any = None) -> Any:
         start = time.perf_counter()
         executable = (lowered or self._lower(key)).compile()
         self.warmup_seconds[key] = time.perf_counter() - start
         self._executables[key] = executable
         return executable
 
-    def _executable(self, key: tuple[int, int, Any]) -> Any:
+    def _executable(self, key: ExecutableKey) -> Any:
         return self._executables.get(key) or self._compile(key)
 
-    def warmup(self, logprobs: bool = False, decode_bursts: bool = False) -> float:
+    def warmup(
+        self, logprobs: bool = False, decode_bursts: bool = False, progress: bool = True
+    ) -> float:
         """Compile every reachable bucket, the selectors that sample (and the logprobs step and
         selectors when asked), and the burst advance of every decode-only bucket; returns the
-        wall seconds. Tracing is serial; XLA compiles on a thread per CPU core. Logs seconds
-        per executable."""
+        wall seconds. Tracing is serial; XLA compiles on a thread per CPU core."""
         start = time.perf_counter()
         variants = VARIANTS if logprobs else ("plain",)
         reachable = self.buckets.reachable()
-        keys = [(*bucket, v) for bucket in reachable for v in variants]
+        keys = [ExecutableKey(*bucket, v) for bucket in reachable for v in variants]
+        # sampling, and greedy with candidates' logprobs (beam search)
         modes = [SelectMode(True, False, False), SelectMode(True, True, False)]
+        modes.append(GREEDY._replace(logprobs=True))
         if logprobs:
-            modes += [m._replace(logprobs=True) for m in (GREEDY, *modes)]
-        keys += [(0, s, m) for s in sorted({s for _, s in reachable}) for m in modes]
+            modes += [m._replace(logprobs=True) for m in modes[:2]]
+        seq_buckets = sorted({s for _, s in reachable})
+        keys += [ExecutableKey(0, s, m) for s in seq_buckets for m in modes]
+        keys += [ExecutableKey(0, s, "copy") for s in self.buckets.seq_buckets]
         if decode_bursts:
-            keys += [(*bucket, "advance") for bucket in self.buckets.decode_buckets()]
-        lowered = {key: self._lower(key) for key in keys if key not in self._executables}
-        workers = max(1, min(len(lowered), os.cpu_count() or 1))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            list(pool.map(self._compile, lowered, lowered.values()))
-        for key in lowered:
+            keys += [ExecutableKey(*b, "advance") for b in self.buckets.decode_buckets()]
+        keys = [key for key in keys if key not in self._executables]
+        self.warmup_cache = compile_all(keys, self._lower, self._compile, progress=progress)
+        for key in keys:
             logger.info("compiled T=%d S=%d %s in %.2fs", *key, self.warmup_seconds[key])
         self.warmed_up = True
         return time.perf_counter() - start
@@ -167,28 +186,43 @@ class ModelRunner:
         """Execute one step (or a decode burst): sampled ids for the plan's rows (meaningful
         where it samples; i32[n, burst_len] for a burst), and the logprob arrays when some
         request asked for them."""
+        compiles_before = _thread_compiles()
+        try:
+            return self._run(plan)
+        finally:
+            if self.warmed_up:
+                self.num_compiles_after_warmup += _thread_compiles() - compiles_before
+
+    def _copy_pages(self, copies: tuple[tuple[int, int], ...]) -> None:
+        """All of a step's copy-on-write copies in one call, padded to a sequence bucket."""
+        num_copies = self.buckets.seqs_for(len(copies))
+        if num_copies < len(copies):
+            raise ValueError(f"{len(copies)} page copies in one step, more than max_num_seqs")
+        pairs = np.zeros((2, num_copies), np.int32)  # i32[2, C]; (NULL_PAGE, NULL_PAGE) pads
+        pairs[:, : len(copies)] = np.asarray(copies, np.int32).T
+        copy = self._executable(ExecutableKey(0, num_copies, "copy"))
+        self.kv = copy(self.kv, *jax.device_put((pairs[0], pairs[1])))
+
+    def _run(self, plan: StepPlan) -> StepOutput:
         start = time.perf_counter()
+        if plan.page_copies:  # before the step writes K/V into the copies
+            self._copy_pages(plan.page_copies)
         n = plan.num_seqs
-        want_prompt = any(
-            i.seq.sampling_params.prompt_logprobs is not None
-            and i.start_position < i.seq.num_prompt_tokens - 1
-            for i in plan.scheduled
-        )
+        want_prompt = any(i.prompt_targets for i in plan.scheduled)
         bucket = self.buckets.pick_bucket(plan.num_tokens, n)  # a burst: one token per row
-        step = self._executable((*bucket, "prompt" if want_prompt else "plain"))
+        step = self._executable(ExecutableKey(*bucket, "prompt" if want_prompt else "plain"))
         mode = select_mode(plan)
-        select = None if mode == GREEDY else self._executable((0, bucket[1], mode))
+        select = None if mode == GREEDY else self._executable(ExecutableKey(0, bucket[1], mode))
         inputs = pack(
             plan,
             num_tokens_bucket=bucket[0],
             num_seqs_bucket=bucket[1],
             page_size=self.page_size,
             max_pages_per_seq=self.max_pages_per_seq,
-            default_seed=self.seed,
         )
         inputs = jax.device_put(_as_dict(inputs))
         if plan.num_steps:
-            advance_fn = self._executable((*bucket, "advance"))
+            advance_fn = self._executable(ExecutableKey(*bucket, "advance"))
             burst = self._burst_state(plan, bucket)
         packed = time.perf_counter()
         sampled, logprobs, prompt = [], None, None
@@ -223,7 +257,7 @@ class ModelRunner:
         num_steps = np.zeros(bucket[1], np.int32)  # i32[S]
         num_steps[: plan.num_seqs] = plan.num_steps
         min_tokens = np.zeros(bucket[1], np.int32)  # i32[S]
-        min_tokens[: plan.num_seqs] = [i.seq.sampling_params.min_tokens for i in plan.scheduled]
+        min_tokens[: plan.num_seqs] = [i.params.min_tokens for i in plan.scheduled]
         return dict(
             zip(
                 ("num_steps", "min_tokens", "step"),
@@ -244,8 +278,10 @@ class ModelRunner:
         self.warmed_up = warmed_up
 
     def close(self) -> None:
-        if self in _listening_runners:
-            _listening_runners.remove(self)
+        """Free the KV pages and the compiled executables now (the params stay the caller's)."""
+        for page in (*self.kv.k_pages, *self.kv.v_pages):
+            page.delete()
+        self._executables.clear()
 
 
 class StepOutput(NamedTuple):

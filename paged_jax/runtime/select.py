@@ -46,7 +46,7 @@ def select_mode(plan: StepPlan) -> SelectMode:
     for item in plan.scheduled:
         if not item.sample:
             continue
-        p = item.seq.sampling_params
+        p = item.params
         if p.temperature > 0.0:
             draw = True
             use_filter |= p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0

@@ -46,6 +46,17 @@ class KVState:
         return sum(a.nbytes for a in self.k_pages + self.v_pages)
 
 
+def copy_pages(kv: KVState, src: jax.Array, dst: jax.Array) -> KVState:
+    """Copy-on-write: page ``src[i]`` -> ``dst[i]`` in every layer's K and V, all in one
+    executable (the state donated, so in place). src, dst: i32[C]; padding pairs are
+    (NULL_PAGE, NULL_PAGE). A dst is a freshly allocated page, never another pair's src."""
+
+    def copy(pages: jax.Array) -> jax.Array:  # [Hkv, P, page_size, Dh]
+        return pages.at[:, dst].set(pages[:, src])
+
+    return KVState(tuple(map(copy, kv.k_pages)), tuple(map(copy, kv.v_pages)))
+
+
 def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: jnp.dtype) -> int:
     """K and V bytes of one page across all layers."""
     itemsize = jnp.dtype(dtype).itemsize

@@ -1,0 +1,251 @@
+"""The engine loop: requests in, one schedule -> run -> update step at a time, outputs out.
+
+The driver owns every request in flight, whichever call added it: ``generate`` and any number
+of half-read ``stream``s share one loop, so a step made for one caller also advances the
+others' requests and nothing is lost between calls. Per step::
+
+    plan = scheduler.schedule()          # host policy; pages from the KV cache manager
+    out = runner.run(plan)               # pack -> jitted step -> sampled ids
+    finished = scheduler.update(plan, out.sampled)
+    then: logprobs, incremental detokenization, stop strings, metrics
+
+Stop strings are found here, on the detokenized text, and cut from the returned text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+from tqdm import tqdm
+
+from paged_jax.engine.beam import BeamGroup, BeamSearchParams
+from paged_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from paged_jax.engine.scheduler import Scheduler
+from paged_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from paged_jax.io.detokenizer import IncrementalDetokenizer
+from paged_jax.io.tokenizer import Tokenizer
+from paged_jax.metrics import EngineMetrics, StepTimes
+from paged_jax.request import BeamRequest, Completion, Prompt, Request
+from paged_jax.runtime.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+Encoder = Callable[[Prompt], tuple[str | None, list[int]]]
+
+
+class Driver:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        metrics: EngineMetrics,
+        *,
+        encode: Encoder,
+        tokenizer: Tokenizer | None,
+        model_name: str,
+        default_seed: int = 0,
+    ) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.metrics = metrics
+        self._encode = encode
+        self._tokenizer = tokenizer
+        self._model_name = model_name
+        self._default_seed = default_seed
+        self._request_ids = itertools.count()
+        # seq_id -> its request and completion, until the completion finishes
+        self._live: dict[int, tuple[Request, Completion]] = {}
+        self._beams: dict[int, BeamRequest] = {}  # seq_id of a live beam -> its request
+
+    # ------------------------------------------------------------------ requests
+
+    def make_request(self, prompt: Prompt, params: SamplingParams) -> Request:
+        """Validate and tokenize one prompt (ValueError naming the field); not queued yet."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        if self._tokenizer is None and params.detokenize:
+            raise ValueError(
+                f"model={self._model_name!r} has no tokenizer: use SamplingParams(detokenize=False)"
+            )
+        text, ids = self._encode_checked(prompt)
+        request_id = str(next(self._request_ids))
+        completions = []
+        for index in range(params.n):
+            seq = Sequence(request_id, ids, params, prompt=text,
+                           default_seed=self._default_seed, index=index)  # fmt: skip
+            detok = None
+            if self._tokenizer is not None and params.detokenize:
+                detok = IncrementalDetokenizer(
+                    self._tokenizer, ids, skip_special_tokens=params.skip_special_tokens
+                )
+            completions.append(Completion(seq, detok))
+        if params.n > 1:
+            SequenceGroup([c.seq for c in completions])
+        return Request(completions)
+
+    def make_beam_request(self, prompt: Prompt, params: BeamSearchParams) -> BeamRequest:
+        """Validate and tokenize one beam search prompt; not queued yet."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be BeamSearchParams, got {type(params).__name__}")
+        text, ids = self._encode_checked(prompt)
+        cfg = self.scheduler.config
+        if len(ids) + params.max_tokens > cfg.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens: with max_tokens={params.max_tokens} that is more "
+                f"than max_model_len={cfg.max_model_len}"
+            )
+        if params.beam_width > cfg.max_num_seqs:
+            raise ValueError(
+                f"beam_width={params.beam_width} is more than max_num_seqs={cfg.max_num_seqs}"
+            )
+        eos = frozenset() if params.ignore_eos else self.scheduler.eos_token_ids
+        if params.num_candidates(len(eos)) > MAX_LOGPROBS:
+            raise ValueError(
+                f"beam_width={params.beam_width} with {len(eos)} EOS ids needs "
+                f"{params.num_candidates(len(eos))} candidates per beam, more than {MAX_LOGPROBS}"
+            )
+        sp = BeamGroup.sampling_params(params, len(eos))
+        seq = Sequence(str(next(self._request_ids)), ids, sp, prompt=text)
+        return BeamRequest(BeamGroup(seq, params, eos))
+
+    def _encode_checked(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        text, ids = self._encode(prompt)
+        max_model_len = self.scheduler.config.max_model_len
+        if len(ids) > max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, more than max_model_len={max_model_len}"
+            )
+        return text, ids
+
+    def add(self, request: Request | BeamRequest) -> None:
+        self.scheduler.add(request.seq)  # a group's first member brings the others
+        if isinstance(request, BeamRequest):
+            self._beams[request.seq.seq_id] = request
+            return
+        for completion in request.completions:
+            self._live[completion.seq.seq_id] = (request, completion)
+
+    def abort(self, request: Request | BeamRequest) -> None:
+        """Stop a request now and free its pages (no-op once it finished)."""
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+            self._live.pop(seq.seq_id, None)
+            self._beams.pop(seq.seq_id, None)
+        if isinstance(request, BeamRequest):
+            request.group.done = True
+
+    def abort_all(self) -> None:
+        for request in {id(r): r for r, _ in self._live.values()}.values():
+            self.abort(request)
+        for request in {id(r): r for r in self._beams.values()}.values():
+            self.abort(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Completions and beams in flight."""
+        return len(self._live) + len(self._beams)
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self) -> list[Request]:
+        """One engine step over every request in flight. Returns those that got new tokens."""
+        start = time.perf_counter()
+        plan = self.scheduler.schedule()
+        scheduled = time.perf_counter()
+        if plan.is_empty:
+            if not plan.preempted:
+                raise RuntimeError("scheduler made no progress with requests pending")
+            self.metrics.num_preemptions += len(plan.preempted)
+            return []  # a sequence preempted itself; the next step re-admits it
+        out = self.runner.run(plan)
+        ran = time.perf_counter()
+        if out.logprobs is not None or out.prompt_logprobs is not None:
+            offset = 0
+            for row, item in enumerate(plan.scheduled):
+                if item.seq.seq_id in self._live:
+                    request, completion = self._live[item.seq.seq_id]
+                    request.record_logprobs(completion, item, row, out, offset)
+                offset += item.num_new_tokens
+        finished = {s.seq_id for s in self.scheduler.update(plan, out.sampled.tolist())}
+        touched, num_sampled = [], 0
+        beam_requests: dict[int, BeamRequest] = {}
+        for row, item in enumerate(plan.scheduled):
+            if not item.sample:
+                continue
+            if item.seq.seq_id in self._beams:
+                beam = self._beams[item.seq.seq_id]
+                if item.seq.status is SequenceStatus.RUNNING:
+                    top_ids, top = out.logprobs["top_ids"][row], out.logprobs["top"][row]
+                    beam.group.record(item.seq, top_ids.tolist(), top.tolist())
+                    beam_requests[id(beam)] = beam
+                continue
+            (req, completion), seq = self._live[item.seq.seq_id], item.seq
+            num_new = seq.num_output_tokens - item.sample_position  # > 1 only in a burst
+            num_sampled += num_new
+            touched.append(req)
+            if completion.detok is not None:
+                for j in range(num_new):
+                    done = seq.seq_id in finished and j == num_new - 1
+                    if not self._on_token(completion, item.sample_position + j, done):
+                        break  # a stop string: the tokens after it are gone
+            if seq.is_finished:
+                del self._live[seq.seq_id]
+        for beam in beam_requests.values():
+            num_sampled += self._advance_beams(beam)
+        end = time.perf_counter()
+        times = StepTimes(start, scheduled, ran, end, self.runner.last_timing)
+        self.metrics.record(plan, num_sampled, self.scheduler.kv_utilization(), times)
+        return touched
+
+    def _advance_beams(self, request: BeamRequest) -> int:
+        """The beam update of a group whose live beams all have candidates; tokens chosen."""
+        group = request.group
+        if not group.ready():
+            return 0
+        update = group.advance()
+        for seq in self.scheduler.apply_beam_update(group, update):
+            self._beams[seq.seq_id] = request
+        for seq in update.drop:
+            del self._beams[seq.seq_id]
+        return len(update.extend) + len(update.fork)
+
+    def _on_token(self, req: Completion, index: int, finished: bool) -> bool:
+        """Detokenize output ``index`` and look for stop strings; False if one stopped it."""
+        seq, params = req.seq, req.seq.sampling_params
+        token_id = seq.token_ids[seq.num_prompt_tokens + index]
+        before = len(req.detok.text)
+        req.detok.add(token_id)
+        if finished:
+            req.detok.flush()
+        text = req.detok.text
+        stops = params.stop_strings
+        if stops and index + 1 >= params.min_tokens:
+            window_start = max(0, before - max(len(s) for s in stops) + 1)
+            hits = [(text.find(s, window_start), s) for s in stops]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                cut, stop = min(hits)
+                req.text = text[:cut]
+                self.scheduler.finish(seq, "stop", stop, num_output_tokens=index + 1)
+                return False
+        req.text = text
+        return True
+
+    def run_until_done(self, requests: list[Request], use_tqdm: bool) -> Iterator[list[Request]]:
+        """Step until every one of ``requests`` finished (others in flight advance too); yields
+        each step's touched requests. Closing the iterator early aborts the unfinished ones."""
+        bar = tqdm(total=len(requests), desc="requests", unit="req", disable=not use_tqdm)
+        try:
+            while any(not r.is_finished for r in requests):
+                touched = self.step()
+                bar.update(sum(r.is_finished for r in requests) - bar.n)
+                bar.set_postfix(tok_s=f"{self.metrics.output_tokens_per_s:.1f}", refresh=False)
+                yield touched
+        finally:
+            bar.close()
+            for r in requests:  # an interrupted run must not leave pages allocated
+                self.abort(r)
