@@ -12,21 +12,13 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from paged_jax.build import build_engine, runner_stats
 from paged_jax.config import EngineConfig, load_config
-from paged_jax.driver import Driver
 from paged_jax.engine.beam import BeamSearchParams
-from paged_jax.engine.kv_cache import KVCacheManager
 from paged_jax.engine.outputs import BeamSearchOutput, RequestOutput
 from paged_jax.engine.sampling_params import SamplingParams
-from paged_jax.engine.scheduler import Scheduler, SchedulerConfig
-from paged_jax.io.loader import load_model
-from paged_jax.io.weights import resolve_dtype
-from paged_jax.metrics import EngineMetrics, StepRecord
-from paged_jax.model.presets import param_bytes
+from paged_jax.metrics import StepRecord
 from paged_jax.request import Prompt, as_params_list, as_prompt_list, encode_prompt
-from paged_jax.runtime.buckets import Buckets
-from paged_jax.runtime.runner import ModelRunner, enable_compilation_cache
-from paged_jax.runtime.state import num_pages_for_budget
 
 logger = logging.getLogger(__name__)
 
@@ -46,67 +38,11 @@ class LLM:
         if model is not None:
             options["model"] = model
         self.config: EngineConfig = load_config(config, overrides, **options)
-        cfg = self.config
-        if cfg.compilation_cache_dir:
-            enable_compilation_cache(cfg.compilation_cache_dir)
-        loaded = load_model(cfg.model, cfg.dtype)
-        self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
-        self.load_seconds = loaded.load_seconds
-        max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
-        kv_dtype = resolve_dtype(cfg.dtype if cfg.kv_dtype == "auto" else cfg.kv_dtype)
-        num_pages = cfg.num_pages or num_pages_for_budget(
-            self.model_config,
-            page_size=cfg.page_size,
-            dtype=kv_dtype,
-            memory_fraction=cfg.kv_memory_fraction,
-            cpu_bytes=cfg.kv_cpu_bytes,
-        )
-        self.scheduler_config = SchedulerConfig(
-            max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_model_len=max_model_len,
-            reserve_full=cfg.reserve_full,
-            decode_steps=cfg.decode_steps,
-        )
-        self.kv_cache = KVCacheManager(num_pages, cfg.page_size, cfg.enable_prefix_caching)
-        eos = set(self.model_config.eos_token_ids)
-        if self.tokenizer is not None:
-            eos |= set(self.tokenizer.eos_token_ids)
-        scheduler = Scheduler(self.scheduler_config, self.kv_cache, eos_token_ids=eos)
-        runner = ModelRunner(
-            self.model_config,
-            loaded.params,
-            num_pages=num_pages,
-            page_size=cfg.page_size,
-            max_pages_per_seq=self.kv_cache.pages_for(max_model_len),
-            buckets=Buckets.create(cfg.max_num_batched_tokens, cfg.max_num_seqs),
-            kv_dtype=kv_dtype,
-            attn_impl=cfg.attn_impl,
-            eos_token_ids=tuple(sorted(eos)),
-        )
-        self.metrics = EngineMetrics(self.kv_cache)
-        self._driver = Driver(
-            scheduler,
-            runner,
-            self.metrics,
-            encode=self.encode_prompt,
-            tokenizer=self.tokenizer,
-            model_name=cfg.model,
-            default_seed=cfg.seed,
-        )
-        self.warmup_seconds = 0.0
-        if cfg.warmup:
-            self.warmup_seconds = runner.warmup(
-                logprobs=cfg.warmup_logprobs,
-                decode_bursts=cfg.decode_steps > 1,
-                progress=cfg.warmup_progress,
-            )
-            logger.info(
-                "warmup compiled %d executables in %.1fs (persistent cache: %s)",
-                len(runner.warmup_seconds),
-                self.warmup_seconds,
-                runner.warmup_cache,
-            )
+        engine = build_engine(self.config, encode=self.encode_prompt)
+        self.model_config, self.tokenizer = engine.model_config, engine.tokenizer
+        self.scheduler_config, self.kv_cache = engine.scheduler_config, engine.kv_cache
+        self.metrics, self._driver = engine.metrics, engine.driver
+        self.load_seconds, self.warmup_seconds = engine.load_seconds, engine.warmup_seconds
         self._closed = False
 
     # ------------------------------------------------------------------ prompts
@@ -198,24 +134,12 @@ class LLM:
         self.kv_cache.reset_prefix_cache()
 
     def stats(self) -> dict[str, Any]:
-        runner = self._driver.runner
-        k_pages = runner.kv.k_pages  # per layer [Hkv, P, page_size, D]
-        hkv, _, _, head_dim = k_pages[0].shape
+        """Counters, prefix-cache and sharing figures, compiles, warmup and model sizes."""
         return {
             **self.metrics.stats(),
-            "compiles_after_warmup": runner.num_compiles_after_warmup,
+            **runner_stats(self._driver.runner),
             "warmup_seconds": self.warmup_seconds,
-            "warmup_executables": len(runner.warmup_seconds),
-            "warmup_steps": sum(k.kind in ("plain", "prompt") for k in runner.warmup_seconds),
-            "warmup_cache": dict(runner.warmup_cache),
-            "compile_seconds": {  # every executable compiled so far, warmup or not
-                f"T={k.num_tokens} S={k.num_seqs} {k.kind}": v
-                for k, v in runner.warmup_seconds.items()
-            },
             "load_seconds": self.load_seconds,
-            "param_bytes": param_bytes(runner.params),
-            "embed_bytes": runner.params["embed"].nbytes,
-            "kv_bytes_per_token": 2 * len(k_pages) * hkv * head_dim * k_pages[0].dtype.itemsize,
         }
 
     def close(self) -> None:
@@ -236,7 +160,7 @@ class LLM:
             raise RuntimeError("this LLM is closed")
 
 
-def _stream_text(driver: Driver, request: Any) -> Iterator[str]:
+def _stream_text(driver: Any, request: Any) -> Iterator[str]:
     driver.add(request)  # at the first next(): a stream never started holds nothing
     steps = driver.run_until_done([request], use_tqdm=False)
     emitted = 0

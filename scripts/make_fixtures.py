@@ -581,7 +581,7 @@ def make_beams_smollm2(gguf_path: Path) -> None:
     seen: dict = {}
     undo = _spy_beam_search(model, seen)
     cases = []
-    base_config = None
+    base_config = None  # the full config generate used for the first case with EOS
     try:
         for prompt_key, k, use_eos, lp, es in BEAM_CASES:
             kind, text, ids = prompts[prompt_key]
@@ -608,9 +608,9 @@ def make_beams_smollm2(gguf_path: Path) -> None:
             if seen["eos"] != (eos_ids or None) or seen["processors"]:
                 raise RuntimeError(f"unexpected generate setup: {seen}")
             if base_config is None and use_eos:
-                base_config = seen["config"]
+                base_config = {"case": len(cases), "config": seen["config"]}
             # No processor touched the scores: they are plain log_softmax of the logits.
-            for s, lg in zip(out.scores, out.logits):
+            for s, lg in zip(out.scores, out.logits, strict=True):
                 if not torch.allclose(s, torch.log_softmax(lg.float(), -1), atol=1e-5):
                     raise RuntimeError("beam scores are not the log_softmax of the logits")
             trans = model.compute_transition_scores(
@@ -671,8 +671,8 @@ def make_beams_smollm2(gguf_path: Path) -> None:
             f"{h['score']:.4f}{'*' if h['finished_by_eos'] else ''}" for h in c["hypotheses"]
         )
         eos = "yes" if c["eos_token_ids"] else "no"
-        es = str(c["early_stopping"])
-        print(f"{c['name']:<32} {c['beam_width']:>2} {eos:>4} {c['length_penalty']:>4} {es:>6}  {sc}")
+        lp, es = c["length_penalty"], str(c["early_stopping"])
+        print(f"{c['name']:<32} {c['beam_width']:>2} {eos:>4} {lp:>4} {es:>6}  {sc}")
     n_eos = sum(any(h["finished_by_eos"] for h in c["hypotheses"]) for c in cases)
     print(f"smollm2 beams: {len(cases)} cases, {n_eos} with an EOS-finished hypothesis")
     if n_eos < 3:
@@ -688,7 +688,10 @@ def make_beams_smollm2(gguf_path: Path) -> None:
             "chat_messages": SMOLLM2_CHAT_PROMPT,
             "cases": cases,
             "loaded_generation_config": loaded_gc,
-            "generation_config": base_config,
+            # temperature / top_k / top_p there are HF's global defaults filled back in; with
+            # do_sample=False they add no processor (checked: none ran, scores == log_softmax).
+            "generation_config": base_config["config"],
+            "generation_config_case": cases[base_config["case"]]["name"],
             "logits_processors": [],
             "hf_eos_token_ids": hf_eos,
             "hf_pad_token_id": hf_pad,

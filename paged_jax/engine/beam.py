@@ -166,6 +166,11 @@ class BeamGroup(SequenceGroup):
         self.scores = {beam.seq_id: score for beam, _, score in extend}
         return BeamUpdate(extend, fork, drop, False)
 
+    def prepare_prefill(self) -> Sequence:
+        """Preempted: every beam recomputes and gives its candidates again."""
+        self.pending.clear()
+        return super().prepare_prefill()
+
     def add_beam(self, seq: Sequence, score: float) -> None:
         """A forked beam joins the group."""
         seq.group = self

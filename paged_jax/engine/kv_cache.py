@@ -132,10 +132,14 @@ class KVCacheManager:
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached pages holding the longest prefix of ``seq``'s known tokens, leaving at least
-        one token to compute. Empty when caching is off or the request scores its prompt."""
+        one token to compute and not passing its ``prefill_limit``. Empty when caching is off
+        or the request scores its prompt."""
         if not self.enable_prefix_caching or seq.sampling_params.prompt_logprobs is not None:
             return []
-        hashes = self._seq_hashes(seq, (seq.num_tokens - 1) // self.page_size)
+        num_pages = (seq.num_tokens - 1) // self.page_size
+        if seq.prefill_limit is not None:  # a group's leader stops there, then forks
+            num_pages = min(num_pages, seq.prefill_limit // self.page_size)
+        hashes = self._seq_hashes(seq, num_pages)
         hit = []
         for h in hashes:
             page = self._index.get(h)

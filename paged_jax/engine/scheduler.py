@@ -39,7 +39,7 @@ from paged_jax.engine.burst import plan_burst
 from paged_jax.engine.kv_cache import KVCacheManager
 from paged_jax.engine.outputs import FinishReason
 from paged_jax.engine.plan import ScheduledSeq, StepPlan
-from paged_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from paged_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus, check_stop
 
 logger = logging.getLogger(__name__)
 
@@ -202,10 +202,7 @@ class Scheduler:
         their next token, dropped beams free theirs. Returns the new beams."""
         new = []
         for parent, token, score in update.fork:
-            child = Sequence(parent.request_id, parent.prompt_token_ids, parent.sampling_params,
-                             prompt=parent.prompt, arrival_time=parent.arrival_time)  # fmt: skip
-            child.token_ids = [*parent.token_ids, token]
-            child.first_token_time = parent.first_token_time
+            child = parent.fork(token)
             self.kv_cache.fork(parent, child)
             child.num_computed_tokens = parent.num_computed_tokens
             child.status = SequenceStatus.RUNNING
@@ -249,7 +246,8 @@ class Scheduler:
 
     def _schedule_running(self, seq: Sequence, builder: _PlanBuilder) -> None:
         if seq.num_schedulable_tokens < 1:
-            return  # a leader whose group forks at the next step
+            assert seq.num_schedulable_tokens == 0, seq
+            return  # a parked beam, or a leader whose group forks at the next step
         while (num_fitting := self.kv_cache.num_tokens_fitting(seq)) < 1:
             self._preempt(self._running[-1], builder)
             if seq.status is not SequenceStatus.RUNNING:
@@ -369,17 +367,7 @@ class Scheduler:
         self._waiting.appendleft(queued)  # victims come newest first: older ones end in front
 
     def _check_stop(self, seq: Sequence, token_id: int) -> tuple[FinishReason, int | None] | None:
-        params = seq.sampling_params
-        if seq.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and token_id in self.eos_token_ids:
-                return "stop", None
-            if params.stop_token_ids and token_id in params.stop_token_ids:
-                return "stop", token_id
-        if seq.num_output_tokens >= params.max_tokens:
-            return "length", None
-        if seq.num_tokens >= self.config.max_model_len:
-            return "length", None
-        return None
+        return check_stop(seq, token_id, self.eos_token_ids, self.config.max_model_len)
 
     def _finish(
         self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None, now: float

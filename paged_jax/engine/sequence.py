@@ -164,8 +164,34 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    def fork(self, token_id: int) -> Sequence:
+        """A new sequence with this one's tokens plus ``token_id`` (a beam's second child); it
+        holds no pages yet (the KV cache manager shares them) and computed nothing."""
+        child = Sequence(self.request_id, self.prompt_token_ids, self.sampling_params,
+                         prompt=self.prompt, arrival_time=self.arrival_time)  # fmt: skip
+        child.token_ids = [*self.token_ids, int(token_id)]
+        child.first_token_time = self.first_token_time
+        return child
+
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(int(token_id))
 
     def metrics(self) -> RequestMetrics:
         return RequestMetrics(self.arrival_time, self.first_token_time, self.finished_time)
+
+
+def check_stop(
+    seq: Sequence, token_id: int, eos_token_ids: frozenset[int], max_model_len: int
+) -> tuple[FinishReason, int | None] | None:
+    """Why ``seq`` stops after its newest token ``token_id`` (reason, stop_reason), or None."""
+    params = seq.sampling_params
+    if seq.num_output_tokens >= params.min_tokens:
+        if not params.ignore_eos and token_id in eos_token_ids:
+            return "stop", None
+        if params.stop_token_ids and token_id in params.stop_token_ids:
+            return "stop", token_id
+    if seq.num_output_tokens >= params.max_tokens:
+        return "length", None
+    if seq.num_tokens >= max_model_len:
+        return "length", None
+    return None

@@ -1,0 +1,120 @@
+"""Building an engine from an ``EngineConfig``: the model, the KV cache manager, the scheduler,
+the runner (warmed up), the metrics and the driver, wired together. ``LLM`` holds the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from paged_jax.config import EngineConfig
+from paged_jax.driver import Driver, Encoder
+from paged_jax.engine.kv_cache import KVCacheManager
+from paged_jax.engine.scheduler import Scheduler, SchedulerConfig
+from paged_jax.io.loader import load_model
+from paged_jax.io.tokenizer import Tokenizer
+from paged_jax.io.weights import resolve_dtype
+from paged_jax.metrics import EngineMetrics
+from paged_jax.model.config import ModelConfig
+from paged_jax.model.presets import param_bytes
+from paged_jax.runtime.buckets import Buckets
+from paged_jax.runtime.runner import ModelRunner, enable_compilation_cache
+from paged_jax.runtime.state import num_pages_for_budget
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Engine:
+    model_config: ModelConfig
+    tokenizer: Tokenizer | None
+    scheduler_config: SchedulerConfig
+    kv_cache: KVCacheManager
+    metrics: EngineMetrics
+    driver: Driver
+    load_seconds: float
+    warmup_seconds: float
+
+
+def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
+    """Load the model, size the KV pool, wire the pieces and warm up (when configured)."""
+    if cfg.compilation_cache_dir:
+        enable_compilation_cache(cfg.compilation_cache_dir)
+    loaded = load_model(cfg.model, cfg.dtype)
+    model_config = loaded.config
+    max_model_len = cfg.max_model_len or model_config.max_position_embeddings
+    kv_dtype = resolve_dtype(cfg.dtype if cfg.kv_dtype == "auto" else cfg.kv_dtype)
+    num_pages = cfg.num_pages or num_pages_for_budget(
+        model_config,
+        page_size=cfg.page_size,
+        dtype=kv_dtype,
+        memory_fraction=cfg.kv_memory_fraction,
+        cpu_bytes=cfg.kv_cpu_bytes,
+    )
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_model_len=max_model_len,
+        reserve_full=cfg.reserve_full,
+        decode_steps=cfg.decode_steps,
+    )
+    kv_cache = KVCacheManager(num_pages, cfg.page_size, cfg.enable_prefix_caching)
+    eos = set(model_config.eos_token_ids)
+    if loaded.tokenizer is not None:
+        eos |= set(loaded.tokenizer.eos_token_ids)
+    scheduler = Scheduler(scheduler_config, kv_cache, eos_token_ids=eos)
+    runner = ModelRunner(
+        model_config,
+        loaded.params,
+        num_pages=num_pages,
+        page_size=cfg.page_size,
+        max_pages_per_seq=kv_cache.pages_for(max_model_len),
+        buckets=Buckets.create(cfg.max_num_batched_tokens, cfg.max_num_seqs),
+        kv_dtype=kv_dtype,
+        attn_impl=cfg.attn_impl,
+        eos_token_ids=tuple(sorted(eos)),
+    )
+    metrics = EngineMetrics(kv_cache)
+    driver = Driver(
+        scheduler,
+        runner,
+        metrics,
+        encode=encode,
+        tokenizer=loaded.tokenizer,
+        model_name=cfg.model,
+        default_seed=cfg.seed,
+    )
+    warmup_seconds = 0.0
+    if cfg.warmup:
+        warmup_seconds = runner.warmup(
+            logprobs=cfg.warmup_logprobs,
+            decode_bursts=cfg.decode_steps > 1,
+            progress=cfg.warmup_progress,
+        )
+        logger.info(
+            "warmup compiled %d executables in %.1fs (persistent cache: %s)",
+            len(runner.warmup_seconds),
+            warmup_seconds,
+            runner.warmup_cache,
+        )
+    return Engine(model_config, loaded.tokenizer, scheduler_config, kv_cache, metrics, driver,
+                  loaded.load_seconds, warmup_seconds)  # fmt: skip
+
+
+def runner_stats(runner: ModelRunner) -> dict[str, Any]:
+    """Compiles, warmup executables and model / KV sizes of a runner."""
+    k_pages = runner.kv.k_pages  # per layer [Hkv, P, page_size, D]
+    hkv, _, _, head_dim = k_pages[0].shape
+    return {
+        "compiles_after_warmup": runner.num_compiles_after_warmup,
+        "warmup_executables": len(runner.warmup_seconds),
+        "warmup_steps": sum(k.kind in ("plain", "prompt") for k in runner.warmup_seconds),
+        "warmup_cache": dict(runner.warmup_cache),
+        "compile_seconds": {  # every executable compiled so far, warmup or not
+            f"T={k.num_tokens} S={k.num_seqs} {k.kind}": v for k, v in runner.warmup_seconds.items()
+        },
+        "param_bytes": param_bytes(runner.params),
+        "embed_bytes": runner.params["embed"].nbytes,
+        "kv_bytes_per_token": 2 * len(k_pages) * hkv * head_dim * k_pages[0].dtype.itemsize,
+    }
