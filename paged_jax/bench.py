@@ -4,7 +4,8 @@ Owns the synthetic workloads (``sharegpt``: ShareGPT-like lognormal lengths, ran
 ids; ``shared-prefix``: the PagedAttention paper's translation test, one shared few-shot prefix
 plus each request's own short query), the run of one ``LLM.generate`` over it, the metrics
 (throughput, TTFT/TPOT percentiles, KV use over time, prefix-cache hits, host overhead,
-decode MBU against a device copy timed in the same run) and the JSON / markdown / PNG writers.
+decode MBU against the streaming limit measured in the same run, ``runtime.bandwidth``) and
+the JSON / markdown / PNG writers.
 The workload makers are plain numpy so that the HF baseline (``scripts/bench_hf.py``) draws
 exactly the same requests; jax and the engine are imported inside the functions that need them.
 
@@ -155,29 +156,7 @@ def workload_summary(prompt_lens: list[int], output_lens: list[int]) -> dict[str
     }
 
 
-def measure_copy_bandwidth(num_bytes: int = 2**30, runs: int = 10) -> dict[str, float]:
-    """Device-to-device copy of ``num_bytes`` with jax: (bytes read + written) / median time."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.zeros((num_bytes // 4,), jnp.uint32)
-    copy = jax.jit(jnp.copy)
-    y = copy(x).block_until_ready()
-    if y.unsafe_buffer_pointer() == x.unsafe_buffer_pointer():
-        raise RuntimeError("the jitted copy returned its input buffer: nothing was copied")
-    times = []
-    for _ in range(max(runs, 10)):
-        del y
-        start = time.perf_counter()
-        y = copy(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    del x, y
-    median_s = float(np.median(times))
-    return {"bytes": 2 * 4 * (num_bytes // 4), "median_s": median_s,
-            "bytes_per_s": 2 * 4 * (num_bytes // 4) / median_s, "runs": len(times)}  # fmt: skip
-
-
-def _timeline_metrics(llm: Any, copy_bytes_per_s: float | None) -> dict[str, Any]:
+def _timeline_metrics(llm: Any, limit_bytes_per_s: float | None) -> dict[str, Any]:
     """Host overhead, per-step cost components and decode MBU from ``llm.timeline``."""
     steps, stats = llm.timeline, llm.stats()
     parts = ("schedule_s", "pack_s", "dispatch_s", "device_wait_s", "update_s")
@@ -202,9 +181,9 @@ def _timeline_metrics(llm: Any, copy_bytes_per_s: float | None) -> dict[str, Any
     decode_s = sum(r.step_s for r in decode)
     device_s = sum(r.dispatch_s + r.device_wait_s for r in decode)
     mbu = mbu_device = None
-    if decode and copy_bytes_per_s:
-        mbu = decode_bytes / decode_s / copy_bytes_per_s
-        mbu_device = decode_bytes / device_s / copy_bytes_per_s
+    if decode and limit_bytes_per_s:
+        mbu = decode_bytes / decode_s / limit_bytes_per_s
+        mbu_device = decode_bytes / device_s / limit_bytes_per_s
     return {
         "host_overhead_share": host_s / float(step_s.sum()),
         "dispatch_share": sums["dispatch_s"] / float(step_s.sum()),
@@ -219,7 +198,7 @@ def _timeline_metrics(llm: Any, copy_bytes_per_s: float | None) -> dict[str, Any
             "weight_bytes_per_step": int(weight_bytes),
             "kv_bytes_per_token": int(kv_bytes_per_token),
             "bytes_per_s": decode_bytes / decode_s if decode else None,
-            "mbu": mbu,  # (weight + K/V bytes read) / step time / copy bandwidth
+            "mbu": mbu,  # (weight + K/V bytes read) / step time / streaming limit
             "mbu_device": mbu_device,  # the same over dispatch + device wait only
         },
     }
@@ -281,10 +260,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from paged_jax import LLM, SamplingParams
 
     jsonl = read_jsonl(args.input, args.max_tokens) if args.input else None  # fail fast
+    from paged_jax.runtime.bandwidth import streaming_limit
+
     copy = None
-    if args.copy_bytes > 0:  # before the engine takes its KV budget of the free memory
-        copy = measure_copy_bandwidth(args.copy_bytes, args.copy_runs)
-        logger.info("device copy: %.1f GB/s", copy["bytes_per_s"] / 1e9)
+    num_bytes = args.copy_bytes
+    if num_bytes is None:  # >= 4 GiB where it is measured for real
+        num_bytes = 4 * 2**30 if jax.default_backend() in ("gpu", "tpu") else 2**28
+    if num_bytes > 0:  # before the engine takes its KV budget of the free memory
+        copy = streaming_limit(num_bytes, calls=args.copy_runs)
+        logger.info("streaming limit: %.1f GB/s (%s)", copy["bytes_per_s"] / 1e9, copy["method"])
     start = time.perf_counter()
     options = engine_options(args)
     llm = LLM(**options)
@@ -404,6 +388,13 @@ def _ms(d: dict[str, float | None]) -> str:
     return " / ".join("n/a" if d[k] is None else f"{1e3 * d[k]:.1f}" for k in ("p50", "p90", "p99"))
 
 
+def _limit(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "n/a"
+    gb = {k: c[k] / 1e9 for k in ("bytes_per_s", "copy_bytes_per_s", "read_bytes_per_s")}
+    return f"{gb['bytes_per_s']:.0f} ({gb['copy_bytes_per_s']:.0f} / {gb['read_bytes_per_s']:.0f})"
+
+
 def to_markdown(r: dict[str, Any]) -> str:
     w, dec = r["workload"], r["decode"]
     fmt = lambda x, spec: "n/a" if x is None else format(x, spec)  # noqa: E731
@@ -425,10 +416,9 @@ def to_markdown(r: dict[str, Any]) -> str:
          f"{r['prefix_cache']['hits']} / {r['prefix_cache']['queries']} "
          f"({r['prefix_cache']['hit_rate']:.3f})"),
         ("prompt tokens computed", str(r["prompt_tokens_computed"])),
-        ("decode MBU (step / device time)",
+        ("decode MBU of the streaming limit (step / device time)",
          f"{fmt(dec['mbu'], '.3f')} / {fmt(dec['mbu_device'], '.3f')}"),
-        ("copy bandwidth (GB/s, read + written)",
-         fmt(r["copy"] and r["copy"]["bytes_per_s"] / 1e9, ".0f")),
+        ("streaming limit (GB/s; copy / read)", _limit(r["copy"])),
         ("decode steps (in bursts), mean sequences",
          f"{dec['steps']} ({dec['bursts']}), {dec['mean_num_seqs']:.1f}"),
         ("host-only / dispatch share of step time",
@@ -514,8 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--no-prefix-caching", action="store_true", help="enable_prefix_caching=false")
     add("--warmup-requests", type=int, default=8, help="small requests run before timing")
-    add("--copy-bytes", type=int, default=2**30, help="bytes of the timed copy; 0 skips MBU")
-    add("--copy-runs", type=int, default=10)
+    add(
+        "--copy-bytes",
+        type=int,
+        default=None,
+        help="streaming-limit buffer bytes (default 4 GiB on GPU/TPU, 256 MiB on CPU); 0: no MBU",
+    )
+    add("--copy-runs", type=int, default=10, help="calls back to back per timing")
     add("--out", default="out/bench", help="directory for the .json, .md and .png")
     add("--tag", default=None, help="names the output files; default <model>-<mode>")
     add("--progress", action="store_true", help="show a progress bar")

@@ -132,3 +132,13 @@ def test_hf_baseline_runs(tmp_path):
     workload = make_workload(5, seed=0, vocab_size=512, max_len=16)
     assert result["useful_output_tokens"] == sum(n for _, n in workload)
     assert result["generated_tokens"] >= result["useful_output_tokens"]
+
+
+def test_streaming_limit_is_the_best_of_copy_and_read():
+    from paged_jax.runtime.bandwidth import streaming_limit
+
+    r = streaming_limit(2**22, calls=3, rounds=2)
+    assert r["bytes"] == 2**22 and r["calls"] == 3
+    assert r["bytes_per_s"] == max(r["copy_bytes_per_s"], r["read_bytes_per_s"]) > 0
+    with pytest.raises(ValueError, match="num_bytes"):
+        streaming_limit(1024)
