@@ -56,7 +56,7 @@ def _parse_line(
     else:
         params = SamplingParams(**values)
     prompt = record[has[0]]
-    llm.check_prompt(prompt)
+    llm.check_request(prompt, params)
     return request_id, prompt, params
 
 

@@ -62,15 +62,26 @@ class Driver:
 
     # ------------------------------------------------------------------ requests
 
-    def make_request(self, prompt: Prompt, params: SamplingParams) -> Request:
-        """Validate and tokenize one prompt (ValueError naming the field); not queued yet."""
+    def check(self, prompt: Prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Everything that could make this request fail, checked now (ValueError naming the
+        field); returns the prompt's text and token ids."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         if self._tokenizer is None and params.detokenize:
             raise ValueError(
                 f"model={self._model_name!r} has no tokenizer: use SamplingParams(detokenize=False)"
             )
-        text, ids = self._encode_checked(prompt)
+        max_num_seqs = self.scheduler.config.max_num_seqs
+        if params.n > max_num_seqs:
+            raise ValueError(
+                f"n={params.n} completions cannot run together: more than "
+                f"max_num_seqs={max_num_seqs}"
+            )
+        return self._encode_checked(prompt)
+
+    def make_request(self, prompt: Prompt, params: SamplingParams) -> Request:
+        """Validate and tokenize one prompt (ValueError naming the field); not queued yet."""
+        text, ids = self.check(prompt, params)
         request_id = str(next(self._request_ids))
         completions = []
         for index in range(params.n):
@@ -88,6 +99,14 @@ class Driver:
 
     def make_beam_request(self, prompt: Prompt, params: BeamSearchParams) -> BeamRequest:
         """Validate and tokenize one beam search prompt; not queued yet."""
+        text, ids = self.check_beam(prompt, params)
+        eos = frozenset() if params.ignore_eos else self.scheduler.eos_token_ids
+        sp = BeamGroup.sampling_params(params, len(eos))
+        seq = Sequence(str(next(self._request_ids)), ids, sp, prompt=text)
+        return BeamRequest(BeamGroup(seq, params, eos))
+
+    def check_beam(self, prompt: Prompt, params: BeamSearchParams) -> tuple[str | None, list[int]]:
+        """Everything that could make this beam search fail, checked now."""
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be BeamSearchParams, got {type(params).__name__}")
         text, ids = self._encode_checked(prompt)
@@ -107,9 +126,7 @@ class Driver:
                 f"beam_width={params.beam_width} with {len(eos)} EOS ids needs "
                 f"{params.num_candidates(len(eos))} candidates per beam, more than {MAX_LOGPROBS}"
             )
-        sp = BeamGroup.sampling_params(params, len(eos))
-        seq = Sequence(str(next(self._request_ids)), ids, sp, prompt=text)
-        return BeamRequest(BeamGroup(seq, params, eos))
+        return text, ids
 
     def _encode_checked(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         text, ids = self._encode(prompt)

@@ -55,13 +55,16 @@ class LLM:
 
     def check_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """Text and token ids of one prompt that fits max_model_len; ValueError otherwise."""
-        text, ids = self.encode_prompt(prompt)
-        if len(ids) > self.scheduler_config.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens, more than max_model_len="
-                f"{self.scheduler_config.max_model_len}"
-            )
-        return text, ids
+        return self._driver._encode_checked(prompt)
+
+    def check_request(
+        self, prompt: Prompt, params: SamplingParams | BeamSearchParams
+    ) -> tuple[str | None, list[int]]:
+        """Everything ``generate`` / ``beam_search`` would reject about this request, checked
+        now (ValueError naming the field); queues nothing."""
+        if isinstance(params, BeamSearchParams):
+            return self._driver.check_beam(prompt, params)
+        return self._driver.check(prompt, params)
 
     # ------------------------------------------------------------------ public API
 
@@ -77,8 +80,7 @@ class LLM:
         params_list = as_params_list(sampling_params, len(prompts))
         driver = self._driver
         requests = [driver.make_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
-        for r in requests:
-            driver.add(r)
+        _add_all(driver, requests)
         for _ in driver.run_until_done(requests, use_tqdm):
             pass
         return [r.output() for r in requests]
@@ -111,11 +113,12 @@ class LLM:
         prompts = as_prompt_list(prompts)
         if isinstance(params, BeamSearchParams):
             params = [params] * len(prompts)
+        if not isinstance(params, list | tuple):
+            raise ValueError(f"params must be BeamSearchParams, got {type(params).__name__}")
         if len(params) != len(prompts):
             raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts")
         requests = [driver.make_beam_request(p, bp) for p, bp in zip(prompts, params, strict=True)]
-        for r in requests:
-            driver.add(r)
+        _add_all(driver, requests)
         for _ in driver.run_until_done(requests, use_tqdm):
             pass
         return [r.output(self.tokenizer) for r in requests]
@@ -158,6 +161,17 @@ class LLM:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this LLM is closed")
+
+
+def _add_all(driver: Any, requests: list[Any]) -> None:
+    """Queue every request, or none: a failure takes back the ones already queued."""
+    try:
+        for r in requests:
+            driver.add(r)
+    except BaseException:
+        for r in requests:
+            driver.abort(r)
+        raise
 
 
 def _stream_text(driver: Any, request: Any) -> Iterator[str]:

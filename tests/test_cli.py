@@ -182,3 +182,177 @@ def test_missing_required_argument_exits_2(capsys):
         main(["generate", "--output", "out.jsonl"])
     assert e.value.code == 2
     assert "--input" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- n > 1 and beams
+
+PARIS = "The capital of France is"
+
+
+def _engine(shared_engine):
+    """The SmolLM2 engine that every ``_run`` shares."""
+    (llm,) = [x for x in shared_engine.values() if x.config.model == "smollm2-135m"]
+    return llm
+
+
+def test_n_line_writes_every_completion_in_order(tmp_path, capsys, shared_engine):
+    from paged_jax import SamplingParams
+    from paged_jax.engine.sequence import completion_seed
+
+    lines = [
+        (
+            {"id": "two", "prompt": PARIS, "n": 2, "seed": 5, "max_tokens": 6, "ignore_eos": True},
+            "text",
+        ),  # fmt: skip
+        (
+            {
+                "id": "one",
+                "prompt": PARIS,
+                "seed": completion_seed(5, 1),
+                "max_tokens": 6,
+                "ignore_eos": True,
+            },
+            "text",
+        ),  # fmt: skip
+        ({"id": "greedy3", "prompt": "Hello", "n": 3, "temperature": 0, "max_tokens": 4}, "text"),
+    ]
+    code, results, summary, captured = _run(tmp_path, capsys, lines, "--quiet")
+    assert code == 0, captured.err
+    two, one, greedy3 = results
+    assert [r["id"] for r in results] == ["two", "one", "greedy3"]
+    assert set(two) == {"id", "text", "token_ids", "finish_reason", "outputs"}
+    assert "outputs" not in one
+    assert len(two["outputs"]) == 2
+    for c in two["outputs"]:
+        assert set(c) == {"text", "token_ids", "finish_reason"}
+        assert len(c["token_ids"]) == 6 and c["finish_reason"] == "length"
+    assert {k: two[k] for k in ("text", "token_ids", "finish_reason")} == two["outputs"][0]
+    # In order: completion 1 is the lone request seeded like it.
+    assert two["outputs"][1]["token_ids"] == one["token_ids"]
+    assert two["outputs"][1]["text"] == one["text"]
+    assert two["outputs"][0]["token_ids"] != two["outputs"][1]["token_ids"]
+    (want,) = _engine(shared_engine).generate(
+        PARIS, SamplingParams(n=2, seed=5, max_tokens=6, ignore_eos=True), use_tqdm=False
+    )
+    assert [c["token_ids"] for c in two["outputs"]] == [c.token_ids for c in want.outputs]
+    assert [c["text"] for c in two["outputs"]] == [c.text for c in want.outputs]
+    assert len(greedy3["outputs"]) == 3
+    assert all(c == greedy3["outputs"][0] for c in greedy3["outputs"])
+    # Every completion's tokens are counted.
+    assert summary["output_tokens"] == 2 * 6 + 6 + sum(
+        len(c["token_ids"]) for c in greedy3["outputs"]
+    )
+
+
+def _check_beams(r, width):
+    assert set(r) == {"id", "text", "token_ids", "beams"}, r
+    assert len(r["beams"]) == width
+    for b in r["beams"]:
+        assert set(b) == {"text", "token_ids", "score"}
+    scores = [b["score"] for b in r["beams"]]
+    assert scores == sorted(scores, reverse=True)
+    assert (r["text"], r["token_ids"]) == (r["beams"][0]["text"], r["beams"][0]["token_ids"])
+
+
+def test_beam_line_writes_beams_best_first(tmp_path, capsys, shared_engine):
+    from paged_jax.engine.beam import BeamSearchParams
+
+    lines = [
+        ({"id": "beam", "prompt": PARIS, "beam_width": 2, "max_tokens": 5}, "beams"),
+        ({"id": "hot", "prompt": PARIS, "beam_width": 2, "temperature": 0.5}, "temperature"),
+        ({"id": "n", "prompt": PARIS, "beam_width": 2, "n": 2}, "'n'"),
+        ({"id": "wide", "prompt": PARIS, "beam_width": 0}, "beam_width"),
+        ({"id": "plain", "prompt": PARIS, "temperature": 0, "max_tokens": 3}, "text"),
+        (
+            {
+                "id": "beam2",
+                "prompt_token_ids": [100, 200, 300],
+                "beam_width": 2,
+                "max_tokens": 3,
+                "ignore_eos": True,
+            },
+            "beams",
+        ),  # fmt: skip
+    ]
+    code, results, summary, captured = _run(tmp_path, capsys, lines, "--quiet")
+    assert code == 0, captured.err
+    assert [r["id"] for r in results] == [x["id"] for x, _ in lines]
+    for (_, want), r in zip(lines, results, strict=True):
+        if want == "beams":
+            _check_beams(r, 2)
+        elif want == "text":
+            assert set(r) == {"id", "text", "token_ids", "finish_reason"}, r
+        else:
+            assert set(r) == {"id", "error"} and want in r["error"], r
+    assert "beam search" in results[1]["error"]
+    assert (summary["requests"], summary["errors"]) == (3, 3)
+    llm = _engine(shared_engine)
+    (want,) = llm.beam_search(PARIS, BeamSearchParams(beam_width=2, max_tokens=5), use_tqdm=False)
+    assert [b["token_ids"] for b in results[0]["beams"]] == [s.token_ids for s in want.sequences]
+    assert [b["text"] for b in results[0]["beams"]] == [s.text for s in want.sequences]
+    assert all(len(b["token_ids"]) == 3 for b in results[5]["beams"])  # ignore_eos
+
+
+def test_beam_width_flag_applies_to_every_line(tmp_path, capsys, shared_engine):
+    lines = [
+        ({"id": "a", "prompt": PARIS, "max_tokens": 4}, "beams"),
+        ({"id": "b", "prompt": "Hello", "max_tokens": 3, "ignore_eos": True}, "beams"),
+        ({"id": "own", "prompt": "Hello", "beam_width": 3, "max_tokens": 3}, 3),
+        ({"id": "hot", "prompt": "Hello", "temperature": 0.5}, "temperature"),
+    ]
+    code, results, summary, captured = _run(tmp_path, capsys, lines, "--quiet",
+                                            "--beam-width", "2")  # fmt: skip
+    assert code == 0, captured.err
+    a, b, own, hot = results
+    _check_beams(a, 2)
+    _check_beams(b, 2)
+    assert all(len(x["token_ids"]) == 3 for x in b["beams"])
+    _check_beams(own, 3)  # a line's own beam_width wins over the flag
+    assert set(hot) == {"id", "error"} and "temperature" in hot["error"]
+    assert (summary["requests"], summary["errors"]) == (3, 1)
+
+
+def test_n_above_max_num_seqs_is_a_line_error(tmp_path, capsys, shared_engine):
+    lines = [
+        ({"id": "ok", "prompt": PARIS, "temperature": 0, "max_tokens": 2}, "text"),
+        ({"id": "many", "prompt": PARIS, "n": 5}, "max_num_seqs"),  # SMALL: max_num_seqs=4
+    ]
+    inp = _write_jsonl(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", "smollm2-135m", "--input", str(inp), "--output", str(out)]
+    code = main([*argv, "--quiet", *SMALL])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    results = [json.loads(x) for x in out.read_text().splitlines()]
+    assert "text" in results[0] and "max_num_seqs" in results[1]["error"]
+
+
+def test_tokenizerless_model_line_needs_detokenize_false(tmp_path, capsys, shared_engine):
+    lines = [
+        (
+            {"id": "ok", "prompt_token_ids": [1, 2, 3], "max_tokens": 2, "detokenize": False},
+            "text",
+        ),  # fmt: skip
+        ({"id": "detok", "prompt_token_ids": [1, 2, 3], "max_tokens": 2}, "detokenize"),
+    ]
+    inp = _write_jsonl(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    argv = [
+        "generate",
+        "--model",
+        "random:tiny",
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--quiet",
+        "dtype=float32",
+        "max_model_len=32",
+        "num_pages=8",
+        "warmup=false",
+    ]
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    results = [json.loads(x) for x in out.read_text().splitlines()]
+    assert "token_ids" in results[0] and "detokenize" in results[1]["error"]
