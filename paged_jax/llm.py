@@ -177,11 +177,13 @@ def _add_all(driver: Any, requests: list[Any]) -> None:
 def _stream_text(driver: Any, request: Any) -> Iterator[str]:
     driver.add(request)  # at the first next(): a stream never started holds nothing
     steps = driver.run_until_done([request], use_tqdm=False)
-    emitted = 0
+    emitted = 0  # characters yielded; other calls may step the request between two pieces
     try:
         for _ in steps:
             if len(request.text) > emitted:
-                yield request.text[emitted:]
-                emitted = len(request.text)
+                piece, emitted = request.text[emitted:], len(request.text)
+                yield piece
+        if len(request.text) > emitted:  # finished during another call's step
+            yield request.text[emitted:]
     finally:
         steps.close()  # aborts the request when the stream is abandoned

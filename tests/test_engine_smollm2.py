@@ -11,7 +11,7 @@ import functools
 import numpy as np
 import pytest
 
-import paged_jax.llm as llm_module
+import paged_jax.build as llm_module
 from paged_jax import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)

@@ -169,7 +169,7 @@ def test_yaml_base_config_merges_mappings(tmp_path):
 
 @pytest.fixture(scope="module")
 def llm(smollm2_gguf):
-    import paged_jax.llm as llm_module
+    import paged_jax.build as llm_module
     from paged_jax import LLM
 
     original = llm_module.load_model  # one load for the engine and the dense reference
@@ -199,7 +199,7 @@ def test_multiple_choice_matches_dense_forward(llm):
     import jax
     import jax.numpy as jnp
 
-    import paged_jax.llm as llm_module
+    import paged_jax.build as llm_module
     from paged_jax.eval.tasks import read_jsonl
     from paged_jax.model.llama import dense_logits
 
