@@ -71,13 +71,8 @@ class Driver:
             raise ValueError(
                 f"model={self._model_name!r} has no tokenizer: use SamplingParams(detokenize=False)"
             )
-        max_num_seqs = self.scheduler.config.max_num_seqs
-        if params.n > max_num_seqs:
-            raise ValueError(
-                f"n={params.n} completions cannot run together: more than "
-                f"max_num_seqs={max_num_seqs}"
-            )
-        return self._encode_checked(prompt)
+        self.scheduler.check_group_size(params.n)
+        return self.encode_checked(prompt)
 
     def make_request(self, prompt: Prompt, params: SamplingParams) -> Request:
         """Validate and tokenize one prompt (ValueError naming the field); not queued yet."""
@@ -109,7 +104,7 @@ class Driver:
         """Everything that could make this beam search fail, checked now."""
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be BeamSearchParams, got {type(params).__name__}")
-        text, ids = self._encode_checked(prompt)
+        text, ids = self.encode_checked(prompt)
         cfg = self.scheduler.config
         if len(ids) + params.max_tokens > cfg.max_model_len:
             raise ValueError(
@@ -128,7 +123,8 @@ class Driver:
             )
         return text, ids
 
-    def _encode_checked(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+    def encode_checked(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """Text and token ids of a prompt that fits max_model_len; ValueError otherwise."""
         text, ids = self._encode(prompt)
         max_model_len = self.scheduler.config.max_model_len
         if len(ids) > max_model_len:

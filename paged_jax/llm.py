@@ -55,7 +55,7 @@ class LLM:
 
     def check_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """Text and token ids of one prompt that fits max_model_len; ValueError otherwise."""
-        return self._driver._encode_checked(prompt)
+        return self._driver.encode_checked(prompt)
 
     def check_request(
         self, prompt: Prompt, params: SamplingParams | BeamSearchParams

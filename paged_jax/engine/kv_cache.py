@@ -151,14 +151,13 @@ class KVCacheManager:
     def num_admissible_tokens(self, hit_pages: list[int], num_spare_pages: int = 0) -> int:
         """Tokens past the hit that a new sequence can get pages for, keeping
         ``num_spare_pages`` free."""
-        num_taken = sum(self._ref_counts[p] == 0 for p in hit_pages)
-        return self.capacity(max(0, self.num_free_pages - num_taken - num_spare_pages))
+        num_free = self.num_free_pages - self._num_evictable_in(hit_pages) - num_spare_pages
+        return self.capacity(max(0, num_free))
 
     def can_allocate(self, hit_pages: list[int], num_tokens: int) -> bool:
         """Whether a sequence can hold ``num_tokens`` tokens from the hit onwards."""
         num_new = self.pages_for(num_tokens) - len(hit_pages)
-        num_taken = sum(self._ref_counts[p] == 0 for p in hit_pages)
-        return num_new + num_taken <= self.num_free_pages
+        return num_new + self._num_evictable_in(hit_pages) <= self.num_free_pages
 
     def allocate(self, seq: Sequence, hit_pages: list[int], num_tokens: int) -> int:
         """Give a waiting sequence its page table: the hit pages (shared), then new pages up to
@@ -326,6 +325,10 @@ class KVCacheManager:
         that another sequence shares: each needs a private page first."""
         first = seq.num_computed_tokens // self.page_size
         return [i for i in range(first, len(table)) if self._ref_counts[table[i]] > 1]
+
+    def _num_evictable_in(self, hit_pages: list[int]) -> int:
+        """Hit pages nobody holds: taking them shrinks the free count."""
+        return sum(self._ref_counts[p] == 0 for p in hit_pages)
 
     def _take(self, page: int) -> None:
         """One more reference to a cached page (a prefix hit)."""

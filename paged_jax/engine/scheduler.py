@@ -121,13 +121,17 @@ class Scheduler:
         if seq.status is not SequenceStatus.WAITING or self.kv_cache.num_pages_of(seq):
             raise ValueError(f"{seq!r} was already scheduled")
         if seq.group is not None:
-            if len(seq.group.members) > self.config.max_num_seqs:
-                raise ValueError(
-                    f"request {seq.request_id!r} has {len(seq.group.members)} completions, "
-                    f"more than max_num_seqs={self.config.max_num_seqs} can run together"
-                )
+            self.check_group_size(len(seq.group.members))
             seq = seq.group.prepare_prefill()
         self._waiting.append(seq)
+
+    def check_group_size(self, num_members: int) -> None:
+        """A group runs all its members at once: ValueError when max_num_seqs cannot hold it."""
+        if num_members > self.config.max_num_seqs:
+            raise ValueError(
+                f"n={num_members} completions cannot run together: more than "
+                f"max_num_seqs={self.config.max_num_seqs}"
+            )
 
     def schedule(self) -> StepPlan:
         builder = _PlanBuilder(budget=self.config.max_num_batched_tokens)
@@ -203,10 +207,7 @@ class Scheduler:
         new = []
         for parent, token, score in update.fork:
             child = parent.fork(token)
-            self.kv_cache.fork(parent, child)
-            child.num_computed_tokens = parent.num_computed_tokens
-            child.status = SequenceStatus.RUNNING
-            self._running.insert(self._running.index(parent) + 1, child)
+            self._run_forked(parent, [child])
             group.add_beam(child, score)
             new.append(child)
         for beam, token, _ in update.extend:
@@ -300,15 +301,20 @@ class Scheduler:
         runs; returns them, leader first (they follow it in admission order)."""
         group: SequenceGroup = leader.group
         members = group.unfinished
-        at = self._running.index(leader) + 1
-        for member in members[1:]:
-            self.kv_cache.fork(leader, member)
-            member.num_computed_tokens = leader.num_computed_tokens
-            member.status = SequenceStatus.RUNNING
-        self._running[at:at] = members[1:]
+        self._run_forked(leader, members[1:])
         leader.prefill_limit = None
         group.forked = True
         return members
+
+    def _run_forked(self, parent: Sequence, children: list[Sequence]) -> None:
+        """The children share the parent's pages and computed tokens, and run right after it
+        (admission order: a group stays together as preemption victims)."""
+        for child in children:
+            self.kv_cache.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = SequenceStatus.RUNNING
+        at = self._running.index(parent) + 1
+        self._running[at:at] = children
 
     def _schedule_if_fits(self, seq: Sequence, builder: _PlanBuilder) -> None:
         """Schedule what fits of a just-forked member, preempting nobody."""
