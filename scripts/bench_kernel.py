@@ -178,8 +178,11 @@ def run_case(
     causal_keys = sum(ctx - q_len + i + 1 for i in range(q_len)) * batch
     flops = 4 * causal_keys * HQ * D
     args = (q, k_pages, v_pages, kv_lens, tables, cu, num_seqs)
+    # Decode cases call the kernel as the engine's decode-only steps do (decode_only=True).
+    ours = functools.partial(gpu.ragged_paged_attention, sm_scale=sm_scale,
+                             decode_only=kind == "decode")  # fmt: skip
     impls = {
-        "ours": jax.jit(lambda *a: gpu.ragged_paged_attention(*a, sm_scale=sm_scale)),
+        "ours": jax.jit(ours),
         "xla_reference": jax.jit(
             lambda *a: reference.ragged_paged_attention(*a, sm_scale=sm_scale)
         ),
@@ -195,9 +198,7 @@ def run_case(
         variant_kind, cfg = parse_variant(text)
         if variant_kind in (kind, "all"):
             name = f"ours[{text.partition(':')[2]}]"
-            impls[name] = jax.jit(
-                functools.partial(gpu.ragged_paged_attention, sm_scale=sm_scale, block_sizes=cfg)
-            )
+            impls[name] = jax.jit(functools.partial(ours, block_sizes=cfg))
             impl_args[name] = args
     if kind == "decode":
         try:

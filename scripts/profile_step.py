@@ -3,10 +3,12 @@
     python scripts/profile_step.py --model random:llama2-7b --batch 192 --ctx 512 --out DIR
 
 Builds the engine's step (``runtime.step.make_step``) for a decode batch of ``--batch``
-sequences at ``--ctx`` tokens each (random page permutation, random bf16 weights), then times,
+sequences at ``--ctx`` tokens each (random page permutation, random bf16 weights and K/V),
+then times,
 dispatch overlapped (``--steps`` calls back to back, one block, fastest of 3 rounds):
 
-- ``full``: the step as the engine runs it;
+- ``full``: the step as the engine runs a decode step (its ``decode`` variant);
+- ``plain``: the general step (the attention's chunk launch included);
 - ``no_attention``: attention replaced by its input q (K/V still written into the pages);
 - ``no_kv``: attention and the K/V write both removed (weights, norms, rope, logits only).
 
@@ -74,18 +76,28 @@ def decode_inputs(rng, cfg, batch: int, ctx: int, page_size: int, num_pages: int
     return {k: jnp.asarray(v) for k, v in dataclasses.asdict(inputs).items()}
 
 
-def build(cfg, variant: str):
-    """The step with attention (and the K/V write) swapped out per ``variant``."""
+def build(cfg, variant: str, params, kv, inputs):
+    """The step compiled as the engine runs a decode step (``full``: the ``decode`` variant;
+    ``plain``: the general one), or with attention (and the K/V write) swapped out."""
     saved = (step_module.ragged_paged_attention, step_module.write_kv)
     if variant in ("no_attention", "no_kv"):
         step_module.ragged_paged_attention = lambda q, *a, **k: q
     if variant == "no_kv":
         step_module.write_kv = lambda k_pages, v_pages, *a: (k_pages, v_pages)
-    try:
-        fn = step_module.make_step(cfg)
+    try:  # traced while patched
+        fn = step_module.make_step(cfg, variant="plain" if variant == "plain" else "decode")
+        return jax.jit(fn, donate_argnums=(1,)).lower(params, kv, inputs).compile()
     finally:
         step_module.ragged_paged_attention, step_module.write_kv = saved
-    return jax.jit(fn, donate_argnums=(1,))
+
+
+def random_kv(cfg, num_pages: int, page_size: int) -> KVState:
+    """Pages of random bf16 values (never time on zeros: they can run faster than real data)."""
+    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    fill = jax.jit(lambda key: jax.random.normal(key, shape, jnp.bfloat16))
+    keys = jax.random.split(jax.random.key(1), 2 * cfg.num_layers)
+    pages = [fill(k) for k in keys]
+    return KVState(tuple(pages[: cfg.num_layers]), tuple(pages[cfg.num_layers :]))
 
 
 def time_step(fn, params, kv, inputs, steps: int, rounds: int = 3):
@@ -148,7 +160,7 @@ def main() -> None:
     params = init_random_params(cfg, jnp.bfloat16)
     weight_bytes = param_bytes(params)
     num_pages = args.batch * -(-args.ctx // args.page_size) + 2
-    kv = KVState.create(cfg, num_pages, args.page_size, jnp.bfloat16)
+    kv = random_kv(cfg, num_pages, args.page_size)
     inputs = decode_inputs(np.random.default_rng(0), cfg, args.batch, args.ctx,
                            args.page_size, num_pages)  # fmt: skip
     kv_bytes = 2 * cfg.num_layers * args.batch * args.ctx * cfg.kv_size * 2
@@ -156,8 +168,9 @@ def main() -> None:
     limit = streaming_limit(args.limit_bytes or (4 * 2**30 if on_gpu else 256 * 2**20))
     limit_bw = limit["bytes_per_s"]
     times = {}
-    for variant in ("full", "no_attention", "no_kv"):
-        times[variant], kv = time_step(build(cfg, variant), params, kv, inputs, args.steps)
+    for variant in ("full", "plain", "no_attention", "no_kv"):
+        fn = build(cfg, variant, params, kv, inputs)
+        times[variant], kv = time_step(fn, params, kv, inputs, args.steps)
     result = {
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
@@ -179,7 +192,7 @@ def main() -> None:
     if args.trace:
         trace_dir = args.out / "trace"
         steps = 5
-        fn = build(cfg, "full")
+        fn = build(cfg, "full", params, kv, inputs)
         kv, out = fn(params, kv, inputs)
         jax.block_until_ready(out)
         with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):

@@ -36,3 +36,17 @@ def test_write_kv_reexported() -> None:
 @pytest.mark.parametrize("impl", ["reference", "tpu", "gpu"])
 def test_explicit_impls_resolve(impl: str) -> None:
     assert kernels.resolve_impl(impl) == impl
+
+
+def test_decode_only_steps_run_the_decode_variant() -> None:
+    from paged_jax.runtime.runner import _step_variant
+
+    class Plan:  # the two counts _step_variant reads
+        def __init__(self, num_tokens: int, num_seqs: int) -> None:
+            self.num_tokens, self.num_seqs = num_tokens, num_seqs
+
+    assert _step_variant(Plan(5, 5), (8, 8), False, True) == "decode"
+    assert _step_variant(Plan(6, 5), (8, 8), False, True) == "plain"  # a chunk
+    assert _step_variant(Plan(5, 5), (16, 8), False, True) == "plain"  # T != S
+    assert _step_variant(Plan(5, 5), (8, 8), True, True) == "prompt"
+    assert _step_variant(Plan(5, 5), (8, 8), False, False) == "plain"  # not the GPU kernel

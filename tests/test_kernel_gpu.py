@@ -49,6 +49,27 @@ def test_interpret(spec: CaseSpec) -> None:
     _check(spec, interpret=True)
 
 
+DECODE_ONLY_SPLITS = [
+    gpu.DEFAULT_BLOCK_SIZES,  # one split: padding sequences' programs zero their rows
+    gpu.GpuBlockSizes(decode_kv_tokens=16, target_programs=64, max_splits=8,
+                      small_batch_programs=0),  # splits: the merge zeroes them
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("sizes", DECODE_ONLY_SPLITS, ids=("one_split", "splits"))
+def test_interpret_decode_only(sizes: gpu.GpuBlockSizes) -> None:
+    # T == S (a decode bucket): the chunk launch is skipped; NaN pages and padding still 0.
+    spec = decode_spec(8, 8, 2, 64, "float32", num_seqs=5, pages_per_seq=8,
+                       num_padding_seqs=3, num_padding_rows=3, seed=11)  # fmt: skip
+    _check(spec, interpret=True, block_sizes=sizes, decode_only=True)
+
+
+def test_decode_only_needs_one_row_per_sequence() -> None:
+    case = make_case(decode_spec(8, 8, 2, 64, "float32", seed=12))  # T != S
+    with pytest.raises(ValueError, match="decode_only needs T == S"):
+        gpu.ragged_paged_attention(*case.args(), **case.kwargs(), decode_only=True)
+
+
 def test_interpret_split_context() -> None:
     # Many kv splits over a long context: the split combine must be exact.
     spec = decode_spec(8, 4, 2, 64, "float32", num_seqs=2, pages_per_seq=16, seed=9)

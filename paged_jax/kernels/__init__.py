@@ -42,15 +42,20 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     impl: str = "auto",
+    decode_only: bool = False,
 ) -> jax.Array:
     """Attention of packed q rows over their sequences' KV pages; [T, Hq, D] in q.dtype.
 
     q [T, Hq, D]; k_pages/v_pages [Hkv, P, page_size, D]; kv_lens i32[S];
     page_tables i32[S, max_pages_per_seq]; cu_q_lens i32[S+1]; num_seqs i32[1].
     Rows past cu_q_lens[num_seqs] are padding and come back as 0.
+    ``decode_only`` is the caller's promise that every live sequence has q_len 1 and T == S;
+    the result is the same, and the GPU kernel uses it to skip its chunk launch.
     """
-    module = importlib.import_module(f"paged_jax.kernels.{resolve_impl(impl)}")
+    name = resolve_impl(impl)
+    module = importlib.import_module(f"paged_jax.kernels.{name}")
+    extra = {"decode_only": decode_only} if name == "gpu" else {}
     return module.ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_tables, cu_q_lens, num_seqs,
-        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, **extra,
     )  # fmt: skip

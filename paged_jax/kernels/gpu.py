@@ -109,6 +109,7 @@ class _Tile:
     split_masks: bool
     prefetch_pages: bool
     spare: bool  # interpret mode: masked rows store into spare rows past T * Hq
+    zero_dead: bool = False  # decode-only call: programs of padding sequences zero their row
 
     @property
     def block_kv(self) -> int:
@@ -168,6 +169,9 @@ def _kernel(
         live = (seq < num_seqs_ref[0]) & (q_len == 1)
         num_rows = jnp.where(live, q_len, 0)  # q_len == 1 when live
         store_first, store_rows = q_start, num_rows
+        if t.zero_dead:  # row i is sequence i's; a padding sequence's program zeroes its row
+            store_first = jnp.where(live, q_start, seq)
+            store_rows = jnp.where(live, num_rows, (seq < num_tokens).astype(jnp.int32))
     else:
         num_rows = jnp.where(used, jnp.minimum(t.tokens, q_len - tile * t.tokens), 0)
         store_first = jnp.where(used, q_start + tile * t.tokens, zero_first)
@@ -341,8 +345,10 @@ def _num_splits(shape: AttentionShape, pages_per_block: int, target: int, max_sp
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_sizes", "interpret"),
-)
+    static_argnames=(
+        "sm_scale", "sliding_window", "soft_cap", "block_sizes", "interpret", "decode_only",
+    ),
+)  # fmt: skip
 def ragged_paged_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -357,8 +363,12 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     block_sizes: GpuBlockSizes = DEFAULT_BLOCK_SIZES,
     interpret: bool = False,
+    decode_only: bool = False,
 ) -> jax.Array:
-    """Ragged paged attention on GPU (contract: docs/kernels.md); returns q.dtype [T, Hq, D]."""
+    """Ragged paged attention on GPU (contract: docs/kernels.md); returns q.dtype [T, Hq, D].
+
+    ``decode_only``: the caller promises every live sequence has q_len 1 and T == S (a decode
+    step or burst); the chunk launch is skipped and the decode grid zeroes the padding rows."""
     # q: [T, Hq, D]; k_pages/v_pages: [Hkv, P, page_size, D]; kv_lens: i32[S]
     # page_tables: i32[S, max_pages_per_seq]; cu_q_lens: i32[S+1]; num_seqs: i32[1]
     shape = check_attention_args(
@@ -366,6 +376,10 @@ def ragged_paged_attention(
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
     )  # fmt: skip
     ps, head_dim = shape.page_size, shape.head_dim
+    if decode_only and shape.num_tokens != shape.max_num_seqs:
+        raise ValueError(
+            f"decode_only needs T == S, got T={shape.num_tokens}, S={shape.max_num_seqs}"
+        )
     if ps & (ps - 1):
         raise ValueError(f"{ps=} must be a power of two (page_size) for the GPU kernel")
     if head_dim & (head_dim - 1) or head_dim < 16:
@@ -392,7 +406,8 @@ def ragged_paged_attention(
     dec_ppb = dec_kv // ps
     dec = _Tile(
         decode=True, rows=dec_rows, tokens=dec_rows // group_pad, pages_per_block=dec_ppb,
-        num_splits=_num_splits(shape, dec_ppb, dec_target, sizes.max_splits), **common,
+        num_splits=_num_splits(shape, dec_ppb, dec_target, sizes.max_splits),
+        zero_dead=decode_only, **common,
     )  # fmt: skip
     pre_rows = max(16, group_pad, _pow2_ceil(sizes.prefill_rows))
     pre_kv, pre_stages = _fit_shared(
@@ -450,7 +465,11 @@ def ragged_paged_attention(
         o_seq = jnp.sum(o_dec * w[..., None], axis=0) / jnp.maximum(l_tot, 1e-30)[..., None]
         o_seq = o_seq.astype(q.dtype)
         if out is None:  # every row gets its sequence's row; chunk and padding rows come next
-            rows = o_seq[_row_seqs(cu_q_lens, num_seqs, num_tokens)].reshape(-1, head_dim)
+            rows = o_seq[_row_seqs(cu_q_lens, num_seqs, num_tokens)]  # [T, Hq, D]
+            if decode_only:  # no chunk launch follows: zero the padding rows here
+                pad = jnp.arange(num_tokens) >= cu_q_lens[num_seqs[0]]  # bool[T]
+                rows = jnp.where(pad[:, None, None], jnp.zeros_like(rows), rows)
+            rows = rows.reshape(-1, head_dim)
             return jnp.pad(rows, ((0, num_rows - rows.shape[0]), (0, 0)))
         live = (jnp.arange(s_max) < num_seqs[0]) & (cu_q_lens[1:] - cu_q_lens[:-1] == 1)
         row = jnp.where(live, cu_q_lens[:-1], num_tokens)  # out of range: dropped
@@ -472,6 +491,8 @@ def ragged_paged_attention(
             sizes=gpu_hopper.HopperBlockSizes(sizes.hopper_kv_tokens, sizes.hopper_stages),
         )  # fmt: skip
         return finish(decode(out.reshape(num_rows, head_dim)))
+    if decode_only:
+        return finish(decode(None))
     # Chunk tiles, then zero tiles for padding rows: enough for any ragged split (each chunk
     # adds at most one partial tile; there are at most min(S, T // 2) chunks).
     num_tiles = -(-num_tokens // pre.tokens) + min(s_max, num_tokens // 2) + 1

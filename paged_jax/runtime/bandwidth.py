@@ -32,13 +32,21 @@ def _time_calls(fn: Any, x: jax.Array, calls: int, rounds: int) -> float:
 
 
 def streaming_limit(
-    num_bytes: int = DEFAULT_BYTES, calls: int = 10, rounds: int = 3
+    num_bytes: int = DEFAULT_BYTES, calls: int = 10, rounds: int = 3, fill: str = "random"
 ) -> dict[str, float | str]:
-    """{"bytes_per_s": the limit, "copy_bytes_per_s", "read_bytes_per_s", "method", ...}."""
+    """{"bytes_per_s": the limit, "copy_bytes_per_s", "read_bytes_per_s", "method", ...}.
+
+    ``fill``: "random" (normal bf16 values, what K/V and weights look like) or "ones" (a
+    constant, which toggles fewer bits and can stream faster than real data)."""
     if num_bytes < 2**20 or calls < 1 or rounds < 1:
         raise ValueError(f"{num_bytes=} must be >= 1 MiB, {calls=} and {rounds=} >= 1")
+    if fill not in ("random", "ones"):
+        raise ValueError(f"{fill=} must be 'random' or 'ones'")
     n = num_bytes // 2
-    x = jax.jit(lambda: jnp.ones((n,), jnp.bfloat16))()  # bf16[n]
+    if fill == "ones":
+        x = jax.jit(lambda: jnp.ones((n,), jnp.bfloat16))()  # bf16[n]
+    else:
+        x = jax.jit(lambda: jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16))()
     copy = jax.jit(jnp.copy)  # reads and writes every byte
     read = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))  # reads every byte
     if copy(x).unsafe_buffer_pointer() == x.unsafe_buffer_pointer():
@@ -55,6 +63,6 @@ def streaming_limit(
         "bytes": nbytes,
         "calls": calls,
         "rounds": rounds,
-        "method": f"best of copy (read + write) and bf16 sum over {nbytes / 2**30:.2g} GiB, "
-        f"{calls} calls back to back per timing, fastest of {rounds}",
+        "method": f"best of copy (read + write) and bf16 sum over {nbytes / 2**30:.2g} GiB of "
+        f"{fill} values, {calls} calls back to back per timing, fastest of {rounds}",
     }

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paged_jax.engine.plan import StepPlan
+from paged_jax.kernels import resolve_impl
 from paged_jax.model.config import ModelConfig
 from paged_jax.model.llama import Params
 from paged_jax.runtime.buckets import Buckets
@@ -105,6 +106,8 @@ class ModelRunner:
             )
             for variant in VARIANTS
         }
+        # Decode-only steps get their own executables where the kernel gains from knowing it.
+        self.decode_variant = resolve_impl(attn_impl) == "gpu"
         self._advance = jax.jit(functools.partial(advance, page_size=page_size))
         self._copy = jax.jit(copy_pages, donate_argnums=(0,))
         self._select = functools.partial(make_select, eos_token_ids=eos_token_ids,
@@ -162,9 +165,12 @@ class ModelRunner:
         selectors when asked), and the burst advance of every decode-only bucket; returns the
         wall seconds. Tracing is serial; XLA compiles on a thread per CPU core."""
         start = time.perf_counter()
-        variants = VARIANTS if logprobs else ("plain",)
+        variants = ("plain", "prompt") if logprobs else ("plain",)
         reachable = self.buckets.reachable()
         keys = [ExecutableKey(*bucket, v) for bucket in reachable for v in variants]
+        if self.decode_variant:
+            decode = [b for b in self.buckets.decode_buckets() if b[0] == b[1]]
+            keys += [ExecutableKey(*b, "decode") for b in decode]
         # sampling, and greedy with candidates' logprobs (beam search)
         modes = [SelectMode(True, False, False), SelectMode(True, True, False)]
         modes.append(GREEDY._replace(logprobs=True))
@@ -210,7 +216,9 @@ class ModelRunner:
         n = plan.num_seqs
         want_prompt = any(i.prompt_targets for i in plan.scheduled)
         bucket = self.buckets.pick_bucket(plan.num_tokens, n)  # a burst: one token per row
-        step = self._executable(ExecutableKey(*bucket, "prompt" if want_prompt else "plain"))
+        step = self._executable(
+            ExecutableKey(*bucket, _step_variant(plan, bucket, want_prompt, self.decode_variant))
+        )
         mode = select_mode(plan)
         select = None if mode == GREEDY else self._executable(ExecutableKey(0, bucket[1], mode))
         inputs = pack(
@@ -282,6 +290,15 @@ class ModelRunner:
         for page in (*self.kv.k_pages, *self.kv.v_pages):
             page.delete()
         self._executables.clear()
+
+
+def _step_variant(plan: StepPlan, bucket: tuple[int, int], prompt: bool, decode: bool) -> str:
+    """The step executable a plan runs on: prompt scoring, decode-only, or plain."""
+    if prompt:
+        return "prompt"
+    if decode and plan.num_tokens == plan.num_seqs and bucket[0] == bucket[1]:
+        return "decode"
+    return "plain"
 
 
 class StepOutput(NamedTuple):

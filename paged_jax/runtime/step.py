@@ -4,7 +4,9 @@ attention, logits at each sequence's last scheduled token, and their argmax.
 One function serves prefill, decode and mixed batches; it is compiled once per (T, S) bucket
 with the KV state donated, so XLA scatters new K/V into the existing page buffers in place.
 The ``prompt`` variant (its own executable, used only when asked for) also scores every packed
-token against the next prompt token (an lm head over all T rows). Random draws and logprobs of
+token against the next prompt token (an lm head over all T rows). The ``decode`` variant is
+``plain`` for decode-only steps (every sequence one token, T == S): it tells the attention
+kernel so, and the GPU kernel skips its chunk launch. Random draws and logprobs of
 sampled tokens happen after the step (``runtime.select``), so the step holds no data-dependent
 control flow: on GPU a ``lax.cond`` makes XLA read its predicate back mid-step, which turns an
 asynchronous dispatch into a synchronous one.
@@ -24,7 +26,7 @@ from paged_jax.model.llama import Params, compute_logits, forward
 from paged_jax.runtime.select import mask_eos, top_logprobs
 from paged_jax.runtime.state import KVState
 
-VARIANTS = ("plain", "prompt")
+VARIANTS = ("plain", "prompt", "decode")
 StepFn = Callable[[Params, KVState, dict[str, Any]], tuple[KVState, dict[str, jax.Array]]]
 
 
@@ -65,6 +67,7 @@ def make_step(
                 inputs["num_seqs"],
                 sm_scale=sm_scale,
                 impl=attn_impl,
+                decode_only=variant == "decode",
             )
             k_pages = k_pages[:layer] + (k_layer,) + k_pages[layer + 1 :]
             v_pages = v_pages[:layer] + (v_layer,) + v_pages[layer + 1 :]
