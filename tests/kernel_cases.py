@@ -233,12 +233,19 @@ def sweep_specs(
     head_dims: tuple[int, ...] = (64, 128),
     dtypes: tuple[str, ...] = ("float32", "bfloat16"),
     pages_per_seq: int = 4,
+    cross_dtypes: bool = True,
 ) -> list[CaseSpec]:
-    """The contract's sweep: every combination, alternating mixed and decode-only batches."""
+    """The contract's sweep: every combination, alternating mixed and decode-only batches.
+
+    ``cross_dtypes=False``: each (page size, GQA, head dim) once, the dtypes taken in turn
+    (half the cases; every dtype still meets both batch kinds and every other value)."""
+    combos = [(ps, g, d) for ps in page_sizes for g in gqa for d in head_dims]
+    if cross_dtypes:
+        combos = [(*c, t) for c in combos for t in dtypes]
+    else:
+        combos = [(*c, dtypes[i % len(dtypes)]) for i, c in enumerate(combos)]
     specs = []
-    for i, (ps, (hq, hkv), d, dtype) in enumerate(
-        (ps, g, d, t) for ps in page_sizes for g in gqa for d in head_dims for t in dtypes
-    ):
+    for i, (ps, (hq, hkv), d, dtype) in enumerate(combos):
         make = mixed_spec if (i + i // 2) % 2 == 0 else decode_spec  # both kinds per dtype
         specs.append(make(ps, hq, hkv, d, dtype, pages_per_seq=pages_per_seq, seed=i))
     return specs

@@ -110,9 +110,21 @@ needs_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a C
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("spec", sweep_specs(page_sizes=(8, 16, 32)), ids=spec_id)
+@pytest.mark.parametrize(
+    "spec", sweep_specs(page_sizes=(8, 16, 32), cross_dtypes=False), ids=spec_id
+)
 def test_gpu_sweep(spec: CaseSpec) -> None:
     _check(spec)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("sizes", DECODE_ONLY_SPLITS, ids=("one_split", "splits"))
+def test_gpu_decode_only(sizes: gpu.GpuBlockSizes) -> None:
+    for ps, hq, hkv, d in ((16, 32, 8, 128), (8, 8, 8, 64)):
+        spec = decode_spec(ps, hq, hkv, d, "bfloat16", num_seqs=20, pages_per_seq=12,
+                           num_padding_seqs=4, num_padding_rows=4, seed=ps)  # fmt: skip
+        _check(spec, block_sizes=sizes, decode_only=True)
 
 
 @pytest.mark.gpu
@@ -143,9 +155,8 @@ GPU_VARIANTS = [
 @needs_gpu
 @pytest.mark.parametrize("sizes", GPU_VARIANTS, ids=range(len(GPU_VARIANTS)))
 def test_gpu_variants(sizes: gpu.GpuBlockSizes) -> None:
-    for window in (None, 40):
-        spec = mixed_spec(16, 32, 8, 128, "bfloat16", pages_per_seq=24, sliding_window=window)
-        _check(spec, block_sizes=sizes)
+    spec = mixed_spec(16, 32, 8, 128, "bfloat16", pages_per_seq=24, sliding_window=40)
+    _check(spec, block_sizes=sizes)
     _check(
         decode_spec(16, 32, 8, 128, "bfloat16", num_seqs=40, pages_per_seq=24), block_sizes=sizes
     )
