@@ -10,7 +10,7 @@ import pytest
 
 from paged_jax import LLM, SamplingParams
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # two engines compiled on demand: ~50 s
 
 
 def test_gpu_kernel_engine_matches_reference():
