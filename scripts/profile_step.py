@@ -91,10 +91,10 @@ def build(cfg, variant: str, params, kv, inputs):
         step_module.ragged_paged_attention, step_module.write_kv = saved
 
 
-def random_kv(cfg, num_pages: int, page_size: int) -> KVState:
-    """Pages of random bf16 values (never time on zeros: they can run faster than real data)."""
+def random_kv(cfg, num_pages: int, page_size: int, dtype) -> KVState:
+    """Pages of random values (never time on zeros: they can run faster than real data)."""
     shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-    fill = jax.jit(lambda key: jax.random.normal(key, shape, jnp.bfloat16))
+    fill = jax.jit(lambda key: jax.random.normal(key, shape, dtype))
     keys = jax.random.split(jax.random.key(1), 2 * cfg.num_layers)
     pages = [fill(k) for k in keys]
     return KVState(tuple(pages[: cfg.num_layers]), tuple(pages[cfg.num_layers :]))
@@ -151,19 +151,21 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--dtype", default="bfloat16", help="weights and K/V (float32 on CPU)")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--limit-bytes", type=int, default=0, help="default 4 GiB GPU, 256 MiB CPU")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = preset_config(args.model.removeprefix("random:"))
-    params = init_random_params(cfg, jnp.bfloat16)
+    dtype = jnp.dtype(args.dtype)
+    params = init_random_params(cfg, dtype)
     weight_bytes = param_bytes(params)
     num_pages = args.batch * -(-args.ctx // args.page_size) + 2
-    kv = random_kv(cfg, num_pages, args.page_size)
+    kv = random_kv(cfg, num_pages, args.page_size, dtype)
     inputs = decode_inputs(np.random.default_rng(0), cfg, args.batch, args.ctx,
                            args.page_size, num_pages)  # fmt: skip
-    kv_bytes = 2 * cfg.num_layers * args.batch * args.ctx * cfg.kv_size * 2
+    kv_bytes = 2 * cfg.num_layers * args.batch * args.ctx * cfg.kv_size * dtype.itemsize
     on_gpu = jax.devices()[0].platform == "gpu"
     limit = streaming_limit(args.limit_bytes or (4 * 2**30 if on_gpu else 256 * 2**20))
     limit_bw = limit["bytes_per_s"]

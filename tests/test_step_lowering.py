@@ -35,11 +35,13 @@ def _cuda_text(fn, *args) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("variant", ["plain", "prompt"])
+@pytest.mark.parametrize("variant", ["plain", "prompt", "decode"])
 def test_step_has_no_control_flow(runner, variant):
     step = make_step(runner.cfg, attn_impl="gpu", eos_token_ids=(1, 2), variant=variant)
-    text = _cuda_text(step, runner.params, runner.kv, runner._inputs_spec(32, 8))
+    num_tokens = 8 if variant == "decode" else 32  # decode-only steps have T == S
+    text = _cuda_text(step, runner.params, runner.kv, runner._inputs_spec(num_tokens, 8))
     assert "rpa_decode" in text  # the kernel is in there
+    assert ("rpa_prefill" in text) == (variant != "decode")  # decode steps skip the chunk pass
     assert not [op for op in CONTROL_FLOW if op in text]
 
 
