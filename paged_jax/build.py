@@ -21,6 +21,7 @@ from paged_jax.model.presets import param_bytes
 from paged_jax.runtime.buckets import Buckets
 from paged_jax.runtime.runner import ModelRunner, enable_compilation_cache
 from paged_jax.runtime.state import num_pages_for_budget
+from paged_jax.runtime.step import VARIANTS
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def runner_stats(runner: ModelRunner) -> dict[str, Any]:
     return {
         "compiles_after_warmup": runner.num_compiles_after_warmup,
         "warmup_executables": len(runner.warmup_seconds),
-        "warmup_steps": sum(k.kind in ("plain", "prompt") for k in runner.warmup_seconds),
+        "warmup_steps": sum(k.kind in VARIANTS for k in runner.warmup_seconds),
         "warmup_cache": dict(runner.warmup_cache),
         "compile_seconds": {  # every executable compiled so far, warmup or not
             f"T={k.num_tokens} S={k.num_seqs} {k.kind}": v for k, v in runner.warmup_seconds.items()

@@ -72,3 +72,34 @@ def test_tpu_lowering_with_window_and_soft_cap() -> None:
     case = make_case(spec)
     fn = jax.jit(functools.partial(tpu.ragged_paged_attention, **case.kwargs()))
     jax.export.export(fn, platforms=("tpu",))(*case.args())
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        mixed_spec(16, 8, 2, 128, "float32", pages_per_seq=3, seed=11),
+        mixed_spec(8, 4, 4, 64, "float32", pages_per_seq=5, seed=12),
+        decode_spec(16, 8, 1, 128, "float32", num_seqs=5, pages_per_seq=3, seed=13),
+    ],
+    ids=spec_id,
+)
+def test_interpret_matches_jax_reference(spec: CaseSpec) -> None:
+    """A second yardstick beside ours: JAX's own ref_ragged_paged_attention (its K/V layout:
+    [P, page_size, 2 * Hkv, D], K and V interleaved on the head axis)."""
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import (
+        ref_ragged_paged_attention,
+    )
+
+    case = make_case(spec)
+    out = tpu.ragged_paged_attention(
+        *case.args(), **case.kwargs(), interpret=pltpu.InterpretParams()
+    )
+    k = np.transpose(case.k_pages, (1, 2, 0, 3))  # [P, page_size, Hkv, D]
+    v = np.transpose(case.v_pages, (1, 2, 0, 3))
+    kv = np.stack([k, v], axis=3).reshape(*k.shape[:2], 2 * k.shape[2], k.shape[3])
+    live = int(case.cu_q_lens[int(case.num_seqs[0])])
+    expected = ref_ragged_paged_attention(
+        case.q, kv, case.kv_lens, case.page_tables, case.cu_q_lens, case.num_seqs,
+        sm_scale=case.sm_scale,
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(out)[:live], np.asarray(expected), rtol=2e-5, atol=2e-5)

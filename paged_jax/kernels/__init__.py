@@ -15,17 +15,24 @@ import jax
 from paged_jax.kernels.reference import write_kv
 
 IMPLS = ("auto", "reference", "tpu", "gpu")
+_RESOLVED = ("reference", "tpu", "gpu", "tpu_interpret")  # what resolve_impl returns
 _AUTO = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
 
 __all__ = ["IMPLS", "ragged_paged_attention", "resolve_impl", "write_kv"]
 
 
-def resolve_impl(impl: str = "auto") -> str:
-    """The backend `impl` stands for on this process's default device."""
+def resolve_impl(impl: str = "auto", platform: str | None = None) -> str:
+    """The backend `impl` stands for on `platform` (default: this process's default device).
+
+    "tpu" off a TPU is "tpu_interpret": the Mosaic kernel in the TPU interpreter (for checking
+    on CPU, not for speed). A lowering for TPU made on CPU passes platform="tpu"."""
     if impl not in IMPLS:
         raise ValueError(f"{impl=} must be one of {IMPLS}")
+    platform = platform or jax.default_backend()
     if impl == "auto":
-        return _AUTO.get(jax.default_backend(), "reference")
+        return _AUTO.get(platform, "reference")
+    if impl == "tpu" and platform != "tpu":
+        return "tpu_interpret"
     return impl
 
 
@@ -43,7 +50,7 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     impl: str = "auto",
     decode_only: bool = False,
-) -> jax.Array:
+) -> jax.Array:  # impl: one of IMPLS, or what resolve_impl returned
     """Attention of packed q rows over their sequences' KV pages; [T, Hq, D] in q.dtype.
 
     q [T, Hq, D]; k_pages/v_pages [Hkv, P, page_size, D]; kv_lens i32[S];
@@ -52,9 +59,13 @@ def ragged_paged_attention(
     ``decode_only`` is the caller's promise that every live sequence has q_len 1 and T == S;
     the result is the same, and the GPU kernel uses it to skip its chunk launch.
     """
-    name = resolve_impl(impl)
-    module = importlib.import_module(f"paged_jax.kernels.{name}")
+    name = impl if impl in _RESOLVED else resolve_impl(impl)
+    module = importlib.import_module(f"paged_jax.kernels.{name.removesuffix('_interpret')}")
     extra = {"decode_only": decode_only} if name == "gpu" else {}
+    if name == "tpu_interpret":
+        from jax.experimental.pallas import tpu as pltpu
+
+        extra["interpret"] = pltpu.InterpretParams()
     return module.ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_tables, cu_q_lens, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, **extra,

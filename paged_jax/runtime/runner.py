@@ -92,22 +92,33 @@ class ModelRunner:
         kv_dtype: Any,
         attn_impl: str = "auto",
         eos_token_ids: tuple[int, ...] = (),
+        platform: str | None = None,
+        kv: KVState | None = None,
     ) -> None:
+        """``platform`` (default: this process's) picks the attention kernel; ``kv`` replaces
+        the page arrays (e.g. ``jax.ShapeDtypeStruct`` leaves, with abstract params, to lower
+        the executables for another platform without allocating: scripts/lower_tpu.py)."""
         self.cfg = cfg
         self.params = params
         self.page_size = page_size
         self.max_pages_per_seq = max_pages_per_seq
         self.buckets = buckets
-        self.kv = KVState.create(cfg, num_pages, page_size, kv_dtype)
+        self.kv = kv if kv is not None else KVState.create(cfg, num_pages, page_size, kv_dtype)
+        self.attn_impl = resolve_impl(attn_impl, platform)
+        if self.attn_impl == "tpu_interpret":
+            logger.warning("attn_impl='tpu' off a TPU: the Mosaic kernel runs in the TPU "
+                           "interpreter, for checking, not for speed")  # fmt: skip
         self._steps = {
             variant: jax.jit(
-                make_step(cfg, attn_impl=attn_impl, eos_token_ids=eos_token_ids, variant=variant),
+                make_step(
+                    cfg, attn_impl=self.attn_impl, eos_token_ids=eos_token_ids, variant=variant
+                ),
                 donate_argnums=(1,),
             )
             for variant in VARIANTS
         }
         # Decode-only steps get their own executables where the kernel gains from knowing it.
-        self.decode_variant = resolve_impl(attn_impl) == "gpu"
+        self.decode_variant = self.attn_impl == "gpu"
         self._advance = jax.jit(functools.partial(advance, page_size=page_size))
         self._copy = jax.jit(copy_pages, donate_argnums=(0,))
         self._select = functools.partial(make_select, eos_token_ids=eos_token_ids,
@@ -130,23 +141,24 @@ class ModelRunner:
         )
         return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _as_dict(empty).items()}
 
-    def _lower(self, key: ExecutableKey) -> Any:
+    def lower_args(self, key: ExecutableKey) -> tuple[Any, tuple]:
+        """(jitted function, abstract arguments) of an executable, for lowering or export."""
         num_tokens, num_seqs, kind = key
         inputs = self._inputs_spec(max(num_tokens, num_seqs), num_seqs)
         row = jax.ShapeDtypeStruct((num_seqs,), jnp.int32)
         if isinstance(kind, SelectMode):
             logits = jax.ShapeDtypeStruct((num_seqs, self.cfg.vocab_size), jnp.float32)
             chosen = {k: inputs[k] for k in SELECT_INPUTS}
-            lowered = jax.jit(self._select(kind)).lower(logits, row, chosen)
-        elif kind == "copy":
-            lowered = self._copy.lower(self.kv, row, row)
-        elif kind == "advance":
-            lowered = self._advance.lower(
-                inputs, row, row, row, jax.ShapeDtypeStruct((), jnp.int32)
-            )
-        else:
-            lowered = self._steps[kind].lower(self.params, self.kv, inputs)
-        return lowered
+            return jax.jit(self._select(kind)), (logits, row, chosen)
+        if kind == "copy":
+            return self._copy, (self.kv, row, row)
+        if kind == "advance":
+            return self._advance, (inputs, row, row, row, jax.ShapeDtypeStruct((), jnp.int32))
+        return self._steps[kind], (self.params, self.kv, inputs)
+
+    def _lower(self, key: ExecutableKey) -> Any:
+        fn, args = self.lower_args(key)
+        return fn.lower(*args)
 
     def _compile(self, key: ExecutableKey, lowered: Any = None) -> Any:
         start = time.perf_counter()
@@ -165,6 +177,18 @@ class ModelRunner:
         selectors when asked), and the burst advance of every decode-only bucket; returns the
         wall seconds. Tracing is serial; XLA compiles on a thread per CPU core."""
         start = time.perf_counter()
+        keys = self.warmup_keys(logprobs, decode_bursts)
+        keys = [key for key in keys if key not in self._executables]
+        self.warmup_cache = compile_all(keys, self._lower, self._compile, progress=progress)
+        for key in keys:
+            logger.info("compiled T=%d S=%d %s in %.2fs", *key, self.warmup_seconds[key])
+        self.warmed_up = True
+        return time.perf_counter() - start
+
+    def warmup_keys(self, logprobs: bool = False, decode_bursts: bool = False) -> list:
+        """Every executable warmup compiles: the step of each reachable bucket (and its
+        decode-only and prompt-scoring variants where they apply), the selectors, the page
+        copies and the burst advances."""
         variants = ("plain", "prompt") if logprobs else ("plain",)
         reachable = self.buckets.reachable()
         keys = [ExecutableKey(*bucket, v) for bucket in reachable for v in variants]
@@ -181,12 +205,7 @@ class ModelRunner:
         keys += [ExecutableKey(0, s, "copy") for s in self.buckets.seq_buckets]
         if decode_bursts:
             keys += [ExecutableKey(*b, "advance") for b in self.buckets.decode_buckets()]
-        keys = [key for key in keys if key not in self._executables]
-        self.warmup_cache = compile_all(keys, self._lower, self._compile, progress=progress)
-        for key in keys:
-            logger.info("compiled T=%d S=%d %s in %.2fs", *key, self.warmup_seconds[key])
-        self.warmed_up = True
-        return time.perf_counter() - start
+        return keys
 
     def run(self, plan: StepPlan) -> StepOutput:
         """Execute one step (or a decode burst): sampled ids for the plan's rows (meaningful
