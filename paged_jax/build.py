@@ -8,16 +8,20 @@ import dataclasses
 import logging
 from typing import Any
 
+import jax
+from jax.sharding import Mesh
+
 from paged_jax.config import EngineConfig
 from paged_jax.driver import Driver, Encoder
 from paged_jax.engine.kv_cache import KVCacheManager
 from paged_jax.engine.scheduler import Scheduler, SchedulerConfig
-from paged_jax.io.loader import load_model
+from paged_jax.io.loader import LoadedModel, load_model
 from paged_jax.io.tokenizer import Tokenizer
 from paged_jax.io.weights import resolve_dtype
 from paged_jax.metrics import EngineMetrics
 from paged_jax.model.config import ModelConfig
 from paged_jax.model.presets import param_bytes
+from paged_jax.runtime import tp
 from paged_jax.runtime.buckets import Buckets
 from paged_jax.runtime.runner import ModelRunner, enable_compilation_cache
 from paged_jax.runtime.state import num_pages_for_budget
@@ -41,16 +45,17 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
     """Load the model, size the KV pool, wire the pieces and warm up (when configured)."""
     if cfg.compilation_cache_dir:
         enable_compilation_cache(cfg.compilation_cache_dir)
-    loaded = load_model(cfg.model, cfg.dtype)
+    loaded, mesh = _load_placed(cfg)
     model_config = loaded.config
     max_model_len = cfg.max_model_len or model_config.max_position_embeddings
     kv_dtype = resolve_dtype(cfg.dtype if cfg.kv_dtype == "auto" else cfg.kv_dtype)
     num_pages = cfg.num_pages or num_pages_for_budget(
-        model_config,
+        tp.local_config(model_config, cfg.tensor_parallel_size),
         page_size=cfg.page_size,
         dtype=kv_dtype,
         memory_fraction=cfg.kv_memory_fraction,
         cpu_bytes=cfg.kv_cpu_bytes,
+        devices=None if mesh is None else list(mesh.devices.flat),
     )
     scheduler_config = SchedulerConfig(
         max_num_seqs=cfg.max_num_seqs,
@@ -74,6 +79,7 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
         kv_dtype=kv_dtype,
         attn_impl=cfg.attn_impl,
         eos_token_ids=tuple(sorted(eos)),
+        mesh=mesh,
     )
     metrics = EngineMetrics(kv_cache)
     driver = Driver(
@@ -100,6 +106,22 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
         )
     return Engine(model_config, loaded.tokenizer, scheduler_config, kv_cache, metrics, driver,
                   loaded.load_seconds, warmup_seconds)  # fmt: skip
+
+
+def _load_placed(cfg: EngineConfig) -> tuple[LoadedModel, Mesh | None]:
+    """The loaded model on the one device, or (``tensor_parallel_size`` > 1) loaded once on
+    the host and placed shard by shard on a mesh of local devices."""
+    size = cfg.tensor_parallel_size
+    if size == 1:
+        return load_model(cfg.model, cfg.dtype), None
+    tp.check_device_count(size)  # before a long load
+    with jax.default_device(jax.devices("cpu")[0]):
+        loaded = load_model(cfg.model, cfg.dtype)
+    tp.check_tp_size(loaded.config, size)
+    mesh = tp.make_mesh(size)
+    params = tp.shard_params(loaded.params, loaded.config, mesh)
+    logger.info("tensor parallel over %d devices: %s", size, list(mesh.devices.flat))
+    return dataclasses.replace(loaded, params=params), mesh
 
 
 def runner_stats(runner: ModelRunner) -> dict[str, Any]:

@@ -1,0 +1,108 @@
+"""Tensor-parallel cases on 4 host-platform CPU devices, run by ``test_tensor_parallel.py`` in a
+subprocess (the device count must be set before jax initialises, and the test process already
+has jax on one device). Prints one JSON object: per case the engine's outputs and the dense
+one-device oracle's, for the test to compare.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+)
+
+import functools  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import paged_jax.build as build  # noqa: E402
+from paged_jax import LLM, SamplingParams  # noqa: E402
+from paged_jax.model.llama import dense_logits  # noqa: E402
+from paged_jax.model.presets import PRESETS, init_random_params  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+ENGINE = dict(
+    page_size=4,
+    num_pages=64,
+    max_model_len=64,
+    max_num_seqs=8,
+    max_num_batched_tokens=16,
+    warmup_progress=False,
+)
+GREEDY = SamplingParams(
+    temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3, detokenize=False
+)
+PROMPTS = [[1, 5, 9, 33, 70, 2, 8, 11, 300], [7, 8, 100, 3]]
+
+
+def oracle(params, cfg, prompt, result):
+    """The dense (no cache, one device) model teacher-forced on the engine's continuation: its
+    argmax and its log-softmax at the ids the engine reported, at each generated position."""
+    continuation = result["tokens"][0]
+    ids = jnp.asarray([prompt + continuation[:-1]], jnp.int32)
+    logits = dense_logits(params, cfg, ids)[0, len(prompt) - 1 :]  # [n, V]
+    logprobs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    return {
+        "argmax": np.argmax(logprobs, axis=-1).tolist(),
+        "logprobs": [
+            {k: float(row[int(k)]) for k in got}
+            for row, got in zip(logprobs, result["logprobs"][0], strict=True)
+        ],
+    }
+
+
+def run_engine(model, tp, prompts, extra=()):
+    start = time.perf_counter()
+    llm = LLM(model=model, tensor_parallel_size=tp, **ENGINE)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    result = {
+        "tokens": [o.outputs[0].token_ids for o in outs],
+        "logprobs": [
+            [{str(k): v for k, v in d.items()} for d in o.outputs[0].logprobs] for o in outs
+        ],
+        "kv_shards": len(llm._driver.runner.kv.k_pages[0].sharding.device_set),
+    }
+    if "features" in extra:  # prefix caching, n > 1 (seeded), decode bursts off and on
+        again = llm.generate(prompts, GREEDY, use_tqdm=False)
+        result["again"] = [o.outputs[0].token_ids for o in again]
+        result["prefix_hits"] = llm.stats()["prefix_cache_hits"]
+        sample = SamplingParams(n=2, temperature=0.9, seed=3, max_tokens=8, detokenize=False)
+        result["sampled"] = [
+            [c.token_ids for c in o.outputs] for o in llm.generate(prompts, sample, use_tqdm=False)
+        ]
+    result["compiles_after_warmup"] = llm.stats()["compiles_after_warmup"]
+    llm.close()
+    print(f"{model} tp={tp}: {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return result
+
+
+def main() -> None:
+    assert len(jax.devices()) == 4, jax.devices()
+    out = {}
+    for name, sizes in (("tiny", (1, 2, 4)), ("tiny-8kv", (2, 4))):
+        cfg = PRESETS[name]
+        params = init_random_params(cfg, jnp.float32)  # the weights random:<name> draws
+        case = {}
+        for tp in sizes:
+            case[tp] = run_engine(f"random:{name}", tp, PROMPTS, extra=("features",))
+        case["oracle"] = oracle(params, cfg, PROMPTS[0], case[sizes[-1]])
+        out[name] = case
+    # the bundled SmolLM2 (9 q heads, 3 kv heads) at tp 3; one short prompt
+    build.load_model = functools.lru_cache(maxsize=1)(build.load_model)
+    prompt = np.load(DATA / "logits_smollm2-135m.npz")["prompt_0"].tolist()
+    case = {3: run_engine("smollm2-135m", 3, [prompt])}
+    loaded = build.load_model("smollm2-135m", "auto")
+    case["oracle"] = oracle(loaded.params, loaded.config, prompt, case[3])
+    out["smollm2"] = case
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
