@@ -109,13 +109,14 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
 
 
 def _load_placed(cfg: EngineConfig) -> tuple[LoadedModel, Mesh | None]:
-    """The loaded model on the one device, or (``tensor_parallel_size`` > 1) loaded once on
-    the host and placed shard by shard on a mesh of local devices."""
+    """The loaded model on the one device, or (``tensor_parallel_size`` > 1) loaded once (on
+    the host, or random weights on the first device when they fit) and placed shard by shard
+    on a mesh of local devices."""
     size = cfg.tensor_parallel_size
     if size == 1:
         return load_model(cfg.model, cfg.dtype), None
     tp.check_device_count(size)  # before a long load
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(tp.staging_device(cfg.model, cfg.dtype)):
         loaded = load_model(cfg.model, cfg.dtype)
     tp.check_tp_size(loaded.config, size)
     mesh = tp.make_mesh(size)

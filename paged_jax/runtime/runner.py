@@ -127,22 +127,13 @@ class ModelRunner:
         """Zeroed KV pages: on the one device, or kv heads sharded over the mesh."""
         if self.mesh is None:
             return KVState.create(self.cfg, num_pages, self.page_size, kv_dtype)
-        size = self.mesh.shape[tp.AXIS]
-        return KVState.create(
-            self.cfg,
-            num_pages,
-            self.page_size,
-            kv_dtype,
-            num_kv_heads=size * tp.local_config(self.cfg, size).num_kv_heads,
-            sharding=tp.kv_sharding(self.mesh),
-        )
+        return tp.create_kv(self.cfg, self.mesh, num_pages, self.page_size, kv_dtype)
 
     def _make_step(self, **options: Any) -> StepFn:
         """The step of one device, or of one shard under ``shard_map`` over the mesh."""
         if self.mesh is None:
             return make_step(self.cfg, **options)
-        specs = tp.param_specs(self.params, self.cfg, self.mesh.shape[tp.AXIS])
-        return tp.make_tp_step(self.cfg, self.mesh, specs, **options)
+        return tp.make_tp_step(self.cfg, self.mesh, self.params, **options)
 
     def _inputs_spec(self, num_tokens: int, num_seqs: int) -> dict[str, jax.ShapeDtypeStruct]:
         empty = pack(

@@ -84,6 +84,27 @@ def make_mesh(tp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
+def staging_device(model: str, dtype: Any) -> jax.Device:
+    """Where the one full copy is made before ``shard_params``: the first device for random
+    weights that fit half its free memory (drawn there, fast), else the host (checkpoints are
+    read there anyway; a 70B model fits no single device)."""
+    from paged_jax.io.loader import RANDOM_PREFIX
+    from paged_jax.io.weights import resolve_dtype
+    from paged_jax.model.presets import preset_config
+    from paged_jax.runtime.state import free_device_bytes
+
+    device = jax.local_devices()[0]
+    if not model.startswith(RANDOM_PREFIX) or device.platform == "cpu":
+        return jax.devices("cpu")[0]
+    cfg = preset_config(model[len(RANDOM_PREFIX) :])
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    per_layer = d * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * d + 3 * d * f
+    count = cfg.num_layers * per_layer + (1 if cfg.tie_word_embeddings else 2) * cfg.vocab_size * d
+    free = free_device_bytes([device])
+    fits = free is not None and count * np.dtype(resolve_dtype(dtype)).itemsize < free // 2
+    return device if fits else jax.devices("cpu")[0]
+
+
 def _kv_heads_of_shard(cfg: ModelConfig, tp: int, shard: int) -> np.ndarray:
     """Global kv head ids that shard ``shard`` stores (one, replicated, when tp > Hkv)."""
     if cfg.num_kv_heads >= tp:
@@ -172,21 +193,26 @@ def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
     return _map_named(place, params)
 
 
-def kv_sharding(mesh: Mesh) -> NamedSharding:
-    """KV pages [Hkv, P, page_size, Dh]: kv heads across the mesh."""
-    return NamedSharding(mesh, P(AXIS))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def make_tp_step(cfg: ModelConfig, mesh: Mesh, specs: Params, **step_options: Any) -> StepFn:
-    """``make_step`` on one shard's heads under ``shard_map``: params as ``specs``, KV pages
-    sharded on kv heads, step inputs and outputs (logits, samples) replicated."""
-    tp = mesh.shape[AXIS]
+def create_kv(cfg: ModelConfig, mesh: Mesh, num_pages: int, page_size: int, dtype: Any) -> KVState:
+    """Zeroed KV pages with ``tp * local kv heads`` heads, kv heads across the mesh."""
+    size = mesh.shape[AXIS]
+    heads = size * local_config(cfg, size).num_kv_heads
+    return KVState.create(
+        cfg, num_pages, page_size, dtype, num_kv_heads=heads, sharding=NamedSharding(mesh, P(AXIS))
+    )
+
+
+def make_tp_step(cfg: ModelConfig, mesh: Mesh, params: Params, **step_options: Any) -> StepFn:
+    """``make_step`` on one shard's heads under ``shard_map``: params sharded as
+    ``param_specs``, KV pages on kv heads, step inputs and outputs (logits, samples)
+    replicated."""
+    size = mesh.shape[AXIS]
     inner = make_step(
-        local_config(cfg, tp),
+        local_config(cfg, size),
         all_reduce=functools.partial(jax.lax.psum, axis_name=AXIS),
         **step_options,
     )
@@ -197,7 +223,7 @@ def make_tp_step(cfg: ModelConfig, mesh: Mesh, specs: Params, **step_options: An
     return jax.shard_map(
         inner,
         mesh=mesh,
-        in_specs=(specs, kv_specs, P()),
+        in_specs=(param_specs(params, cfg, size), kv_specs, P()),
         out_specs=(kv_specs, P()),
         check_vma=False,
     )
