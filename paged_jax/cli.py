@@ -8,7 +8,9 @@ served. A bad line never stops the others. With ``n`` > 1 the line also gets ``o
 completion in order (the top-level fields are completion 0's). A line with ``beam_width`` (or
 every line, with ``--beam-width K``) runs beam search (fields: ``beam_width, max_tokens,
 length_penalty, early_stopping, ignore_eos``) and gets ``beams``: ``text, token_ids, score``
-best first (the top-level fields are the best beam's).
+best first (the top-level fields are the best beam's). Data parallel: run one process per
+share with ``--coordinator-address/--num-processes/--process-id`` (or ``--distributed``, the
+job from the environment); process 0 merges the outputs (``paged_jax.distributed``).
 
 ``paged-jax eval --config configs/eval/<name>.yaml [key=value ...]`` or
 ``paged-jax eval --gin-file configs/eval/<name>.gin [--gin-param 'x.y=z' ...]`` runs an
