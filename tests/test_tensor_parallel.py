@@ -5,7 +5,8 @@ initialises. Every engine's greedy tokens must be the dense one-device model's a
 token, and its logprobs that model's log-softmax within f32 tolerance, at tp 1, 2, 4 (random
 weights, 2 kv heads: replicated at tp 4), tp 2, 4 (8 kv heads) and tp 3 (the bundled SmolLM2:
 9 q heads, 3 kv heads; also HF transformers' greedy tokens); prefix-cache hits, seeded n > 1
-and decode bursts give the same tokens at every tp; 0 compiles after warmup.
+and decode bursts give the same tokens at every tp; 0 compiles after warmup (random models).
+The Pallas GPU kernel (interpret mode) under ``shard_map`` matches the float64 oracle.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def test_greedy_and_logprobs_match_dense_oracle(results, model, size):
     for got, ref in zip(case["logprobs"][0], want["logprobs"], strict=True):
         np.testing.assert_allclose(list(got.values()), [ref[k] for k in got], atol=1e-4)
     assert case["kv_shards"] == int(size)
-    assert case["compiles_after_warmup"] == 0
+    if model != "smollm2":  # built without warmup: its 30-layer step compiles once, on demand
+        assert case["compiles_after_warmup"] == 0
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-8kv"])
@@ -74,6 +76,10 @@ def test_every_size_serves_the_same_tokens(results, model):
         assert case["again"] == case["tokens"] and case["prefix_hits"] > 0
         assert case["sampled"] == first["sampled"]  # n=2, seeded
         assert len({tuple(s) for s in case["sampled"][0]}) == 2
+
+
+def test_gpu_kernel_runs_on_its_heads_under_shard_map(results):
+    assert results["gpu_kernel_error"] < 1e-4  # interpret mode, f32, 2 shards of 4 kv heads
 
 
 def test_smollm2_tp3_matches_hf(results, data_dir):

@@ -58,9 +58,9 @@ def oracle(params, cfg, prompt, result):
     }
 
 
-def run_engine(model, tp, prompts, extra=()):
+def run_engine(model, tp, prompts, extra=(), **options):
     start = time.perf_counter()
-    llm = LLM(model=model, tensor_parallel_size=tp, **ENGINE)
+    llm = LLM(model=model, tensor_parallel_size=tp, **{**ENGINE, **options})
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     result = {
         "tokens": [o.outputs[0].token_ids for o in outs],
@@ -83,9 +83,34 @@ def run_engine(model, tp, prompts, extra=()):
     return result
 
 
+def gpu_kernel_under_shard_map() -> float:
+    """The Pallas GPU kernel (interpret mode) on 2 shards of the heads, against the float64
+    oracle: the composition the GPU engine runs. Max |error| over the live rows."""
+    from jax.sharding import PartitionSpec as P
+    from kernel_cases import make_case, mixed_spec
+    from kernel_cases import oracle as kernel_oracle
+
+    from paged_jax.kernels import gpu
+    from paged_jax.runtime import tp
+
+    case = make_case(mixed_spec(8, 8, 4, 32, "float32"))
+    fn = functools.partial(gpu.ragged_paged_attention, interpret=True, **case.kwargs())
+    heads, pages, rest = P(None, tp.AXIS), P(tp.AXIS), (P(),) * 4
+    sharded = jax.shard_map(
+        fn,
+        mesh=tp.make_mesh(2),
+        in_specs=(heads, pages, pages, *rest),
+        out_specs=heads,
+        check_vma=False,
+    )
+    out = np.asarray(jax.jit(sharded)(*case.args()))
+    n = int(case.cu_q_lens[case.num_seqs[0]])
+    return float(np.max(np.abs(out[:n] - kernel_oracle(case)[:n])))
+
+
 def main() -> None:
     assert len(jax.devices()) == 4, jax.devices()
-    out = {}
+    out = {"gpu_kernel_error": gpu_kernel_under_shard_map()}
     for name, sizes in (("tiny", (1, 2, 4)), ("tiny-8kv", (2, 4))):
         cfg = PRESETS[name]
         params = init_random_params(cfg, jnp.float32)  # the weights random:<name> draws
@@ -97,7 +122,7 @@ def main() -> None:
     # the bundled SmolLM2 (9 q heads, 3 kv heads) at tp 3; one short prompt
     build.load_model = functools.lru_cache(maxsize=1)(build.load_model)
     prompt = np.load(DATA / "logits_smollm2-135m.npz")["prompt_0"].tolist()
-    case = {3: run_engine("smollm2-135m", 3, [prompt])}
+    case = {3: run_engine("smollm2-135m", 3, [prompt], warmup=False)}  # 0 compiles: above
     loaded = build.load_model("smollm2-135m", "auto")
     case["oracle"] = oracle(loaded.params, loaded.config, prompt, case[3])
     out["smollm2"] = case

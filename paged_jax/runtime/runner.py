@@ -8,6 +8,10 @@ hits and misses) and logs the seconds each took; after warmup every backend comp
 happens inside this runner's ``run`` is counted (``num_compiles_after_warmup``) — it must stay
 0. Compiles elsewhere (the user's own jnp code, another engine) are not this runner's.
 
+With a ``mesh`` (tensor parallel, ``runtime/tp.py``) the KV pages are sharded on kv heads, the
+step runs under ``shard_map`` and every input and output is replicated over the mesh; without
+one (``tensor_parallel_size=1``) nothing of that runs: no sharding is given anywhere.
+
 Nothing module-level refers to a runner: dropping the engine frees its params and KV pages.
 """
 
