@@ -104,18 +104,24 @@ def write_merged(
         return
     _write_lines(part_path(output, group), ([i, r] for i, r in records))
     barrier("paged_jax: parts written", group)
-    if group.process_id == 0:
-        merged = _read_parts(output, group)
-        want = sorted(expected)
-        got = [i for i, _ in merged]
-        if got != want:
-            missing, extra = sorted(set(want) - set(got)), len(got) - len(set(got))
-            raise ValueError(f"merging {output}: input lines {missing} missing, {extra} twice")
-        _write_lines(output, (r for _, r in merged))
-        for i in range(group.num_processes):
-            part_path(output, group, i).unlink()
-        logger.info("merged %d parts into %s (%d lines)", group.num_processes, output, len(got))
-    barrier("paged_jax: merged", group)
+    try:
+        if group.process_id == 0:
+            _merge(output, expected, group)
+    finally:  # the others wait for the merge, and are released even if it failed
+        barrier("paged_jax: merged", group)
+
+
+def _merge(output: Path, expected: Iterable[int], group: ProcessGroup) -> None:
+    merged = _read_parts(output, group)
+    want = sorted(expected)
+    got = [i for i, _ in merged]
+    if got != want:
+        missing, extra = sorted(set(want) - set(got)), len(got) - len(set(got))
+        raise ValueError(f"merging {output}: input lines {missing} missing, {extra} twice")
+    _write_lines(output, (r for _, r in merged))
+    for i in range(group.num_processes):
+        part_path(output, group, i).unlink()
+    logger.info("merged %d parts into %s (%d lines)", group.num_processes, output, len(got))
 
 
 def _read_parts(output: Path, group: ProcessGroup) -> list[tuple[int, dict[str, Any]]]:

@@ -125,3 +125,16 @@ def test_pieces_without_processes(tmp_path):
     distributed.write_merged(out, [(3, {"a": 3}), (1, {"a": 1})], [1, 3], distributed.SINGLE)
     assert out.read_text() == '{"a": 1}\n{"a": 3}\n'
     assert distributed.part_path(out, group).name == "o.jsonl.part-00001-of-00003"
+
+
+def test_merge_checks_every_line_once(tmp_path):
+    """Process 0's merge, in one process (the runtime's barrier is then trivial)."""
+    out, group = tmp_path / "o.jsonl", distributed.ProcessGroup(0, 2)
+    other = distributed.part_path(out, group, 1)
+    other.write_text('[1, {"id": "b"}]\n')
+    distributed.write_merged(out, [(0, {"id": "a"}), (2, {"id": "c"})], [0, 1, 2], group)
+    assert out.read_text() == '{"id": "a"}\n{"id": "b"}\n{"id": "c"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl"]
+    other.write_text('[1, {"id": "b"}]\n[0, {"id": "a"}]\n')
+    with pytest.raises(ValueError, match=r"input lines \[3\] missing, 1 twice"):
+        distributed.write_merged(out, [(0, {"id": "a"})], [0, 1, 3], group)

@@ -3,8 +3,9 @@
 The cases run in one subprocess (``tp_worker.py``): the device count must be set before jax
 initialises. Every engine's greedy tokens must be the dense one-device model's argmax token for
 token, and its logprobs that model's log-softmax within f32 tolerance, at tp 1, 2, 4 (random
-weights, 2 kv heads: replicated at tp 4), tp 2, 4 (8 kv heads) and tp 3 (the bundled SmolLM2:
-9 q heads, 3 kv heads; also HF transformers' greedy tokens); prefix-cache hits, seeded n > 1
+weights, 2 kv heads: replicated at tp 4), tp 2, 4 (8 kv heads), tp 4 (an HF Qwen2 checkpoint:
+qkv bias, 2 kv heads) and tp 3 (the bundled SmolLM2: 9 q heads, 3 kv heads; also HF
+transformers' greedy tokens); prefix-cache hits, seeded n > 1
 and decode bursts give the same tokens at every tp; 0 compiles after warmup (random models).
 The Pallas GPU kernel (interpret mode) under ``shard_map`` matches the float64 oracle.
 """
@@ -29,6 +30,7 @@ from paged_jax.runtime.runner import ExecutableKey
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [
+    ("tiny-qwen2", "4"),
     ("tiny", "1"),
     ("tiny", "2"),
     ("tiny", "4"),

@@ -24,6 +24,8 @@ import numpy as np  # noqa: E402
 
 import paged_jax.build as build  # noqa: E402
 from paged_jax import LLM, SamplingParams  # noqa: E402
+from paged_jax.io.loader import LoadedModel  # noqa: E402
+from paged_jax.io.weights import load_hf_dir  # noqa: E402
 from paged_jax.model.llama import dense_logits  # noqa: E402
 from paged_jax.model.presets import PRESETS, init_random_params  # noqa: E402
 
@@ -39,7 +41,7 @@ ENGINE = dict(
 GREEDY = SamplingParams(
     temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3, detokenize=False
 )
-PROMPTS = [[1, 5, 9, 33, 70, 2, 8, 11, 300], [7, 8, 100, 3]]
+PROMPTS = [[1, 5, 9, 33, 70, 2, 8, 11, 200], [7, 8, 100, 3]]  # ids < 256: tiny-qwen2's vocab
 
 
 def oracle(params, cfg, prompt, result):
@@ -108,6 +110,19 @@ def gpu_kernel_under_shard_map() -> float:
     return float(np.max(np.abs(out[:n] - kernel_oracle(case)[:n])))
 
 
+def _without_tokenizer(load):
+    """load_model, but the fixture checkpoints (no tokenizer files) load with tokenizer None."""
+
+    def wrapped(model, dtype):
+        if not Path(model).is_dir():
+            return load(model, dtype)
+        start = time.perf_counter()
+        cfg, params = load_hf_dir(model, dtype)
+        return LoadedModel(cfg, params, None, Path(model), time.perf_counter() - start)
+
+    return wrapped
+
+
 def main() -> None:
     assert len(jax.devices()) == 4, jax.devices()
     out = {"gpu_kernel_error": gpu_kernel_under_shard_map()}
@@ -119,8 +134,14 @@ def main() -> None:
             case[tp] = run_engine(f"random:{name}", tp, PROMPTS, extra=("features",))
         case["oracle"] = oracle(params, cfg, PROMPTS[0], case[sizes[-1]])
         out[name] = case
+    build.load_model = functools.lru_cache(maxsize=1)(_without_tokenizer(build.load_model))
+    # an HF safetensors checkpoint with qkv bias (Qwen2; 2 kv heads, replicated at tp 4)
+    qwen2 = str(DATA / "tiny-qwen2")
+    case = {4: run_engine(qwen2, 4, PROMPTS)}
+    loaded = build.load_model(qwen2, "auto")
+    case["oracle"] = oracle(loaded.params, loaded.config, PROMPTS[0], case[4])
+    out["tiny-qwen2"] = case
     # the bundled SmolLM2 (9 q heads, 3 kv heads) at tp 3; one short prompt
-    build.load_model = functools.lru_cache(maxsize=1)(build.load_model)
     prompt = np.load(DATA / "logits_smollm2-135m.npz")["prompt_0"].tolist()
     case = {3: run_engine("smollm2-135m", 3, [prompt], warmup=False)}  # 0 compiles: above
     loaded = build.load_model("smollm2-135m", "auto")
