@@ -7,7 +7,8 @@ weights, 2 kv heads: replicated at tp 4), tp 2, 4 (8 kv heads), tp 4 (an HF Qwen
 qkv bias, 2 kv heads) and tp 3 (the bundled SmolLM2: 9 q heads, 3 kv heads; also HF
 transformers' greedy tokens); prefix-cache hits, seeded n > 1
 and decode bursts give the same tokens at every tp; 0 compiles after warmup (random models).
-The Pallas GPU kernel (interpret mode) under ``shard_map`` matches the float64 oracle.
+The Pallas GPU kernel (interpret mode) under ``shard_map`` matches the float64 oracle, and the
+tp step lowers for CUDA and TPU (Mosaic) with two all-reduces per layer and no control flow.
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def test_every_size_serves_the_same_tokens(results, model):
 
 def test_gpu_kernel_runs_on_its_heads_under_shard_map(results):
     assert results["gpu_kernel_error"] < 1e-4  # interpret mode, f32, 2 shards of 4 kv heads
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_step_lowers_for_accelerators_with_two_all_reduces_per_layer(results, platform):
+    lowered = results["lowered"][platform]  # random:tiny at tp 4: 2 layers
+    assert lowered == {"all_reduces": 4, "control_flow": [], "kernel": True}
 
 
 def test_smollm2_tp3_matches_hf(results, data_dir):

@@ -110,6 +110,40 @@ def gpu_kernel_under_shard_map() -> float:
     return float(np.max(np.abs(out[:n] - kernel_oracle(case)[:n])))
 
 
+def lowered_for_accelerators() -> dict:
+    """The tp 4 step of random:tiny lowered for CUDA (Pallas GPU kernel) and TPU (Mosaic) on
+    this CPU: its collectives, control flow and the kernel's custom call."""
+    from paged_jax.runtime import tp
+    from paged_jax.runtime.buckets import Buckets
+    from paged_jax.runtime.runner import ModelRunner
+
+    cfg, mesh = PRESETS["tiny"], tp.make_mesh(4)
+    params = tp.shard_params(init_random_params(cfg, jnp.bfloat16), cfg, mesh)
+    out = {}
+    for impl, platform, kernel in (("gpu", "cuda", "rpa_decode"), ("tpu", "tpu", "tpu_custom")):
+        runner = ModelRunner(
+            cfg,
+            params,
+            num_pages=16,
+            page_size=16,
+            max_pages_per_seq=4,
+            buckets=Buckets.create(32, 8),
+            kv_dtype=jnp.bfloat16,
+            attn_impl=impl,
+            mesh=mesh,
+        )
+        traced = runner._steps["plain"].trace(runner.params, runner.kv, runner._inputs_spec(32, 8))
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        out[platform] = {
+            "all_reduces": text.count("stablehlo.all_reduce"),
+            "control_flow": [
+                op for op in ("stablehlo.while", "stablehlo.case", "stablehlo.if") if op in text
+            ],
+            "kernel": kernel in text,
+        }
+    return out
+
+
 def _without_tokenizer(load):
     """load_model, but the fixture checkpoints (no tokenizer files) load with tokenizer None."""
 
@@ -125,7 +159,7 @@ def _without_tokenizer(load):
 
 def main() -> None:
     assert len(jax.devices()) == 4, jax.devices()
-    out = {"gpu_kernel_error": gpu_kernel_under_shard_map()}
+    out = {"gpu_kernel_error": gpu_kernel_under_shard_map(), "lowered": lowered_for_accelerators()}
     for name, sizes in (("tiny", (1, 2, 4)), ("tiny-8kv", (2, 4))):
         cfg = PRESETS[name]
         params = init_random_params(cfg, jnp.float32)  # the weights random:<name> draws
