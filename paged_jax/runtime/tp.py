@@ -84,27 +84,6 @@ def make_mesh(tp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
-def staging_device(model: str, dtype: Any) -> jax.Device:
-    """Where the one full copy is made before ``shard_params``: the first device for random
-    weights that fit half its free memory (drawn there, fast), else the host (checkpoints are
-    read there anyway; a 70B model fits no single device)."""
-    from paged_jax.io.loader import RANDOM_PREFIX
-    from paged_jax.io.weights import resolve_dtype
-    from paged_jax.model.presets import preset_config
-    from paged_jax.runtime.state import free_device_bytes
-
-    device = jax.local_devices()[0]
-    if not model.startswith(RANDOM_PREFIX) or device.platform == "cpu":
-        return jax.devices("cpu")[0]
-    cfg = preset_config(model[len(RANDOM_PREFIX) :])
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    per_layer = d * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * d + 3 * d * f
-    count = cfg.num_layers * per_layer + (1 if cfg.tie_word_embeddings else 2) * cfg.vocab_size * d
-    free = free_device_bytes([device])
-    fits = free is not None and count * np.dtype(resolve_dtype(dtype)).itemsize < free // 2
-    return device if fits else jax.devices("cpu")[0]
-
-
 def _kv_heads_of_shard(cfg: ModelConfig, tp: int, shard: int) -> np.ndarray:
     """Global kv head ids that shard ``shard`` stores (one, replicated, when tp > Hkv)."""
     if cfg.num_kv_heads >= tp:
