@@ -182,6 +182,8 @@ def _timeline_metrics(llm: Any, limit_bytes_per_s: float | None) -> dict[str, An
     device_s = sum(r.dispatch_s + r.device_wait_s for r in decode)
     mbu = mbu_device = None
     if decode and limit_bytes_per_s:
+        # tensor parallel: against the devices' summed limit (replicated params counted once)
+        limit_bytes_per_s *= llm.config.tensor_parallel_size
         mbu = decode_bytes / decode_s / limit_bytes_per_s
         mbu_device = decode_bytes / device_s / limit_bytes_per_s
     return {

@@ -8,19 +8,24 @@ import dataclasses
 import logging
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
 from paged_jax.config import EngineConfig
 from paged_jax.driver import Driver, Encoder
 from paged_jax.engine.kv_cache import KVCacheManager
 from paged_jax.engine.scheduler import Scheduler, SchedulerConfig
-from paged_jax.io.loader import load_model
+from paged_jax.io.loader import RANDOM_PREFIX, LoadedModel, load_model
 from paged_jax.io.tokenizer import Tokenizer
 from paged_jax.io.weights import resolve_dtype
 from paged_jax.metrics import EngineMetrics
 from paged_jax.model.config import ModelConfig
-from paged_jax.model.presets import param_bytes
+from paged_jax.model.presets import param_bytes, preset_config
+from paged_jax.runtime import tp
 from paged_jax.runtime.buckets import Buckets
 from paged_jax.runtime.runner import ModelRunner, enable_compilation_cache
-from paged_jax.runtime.state import num_pages_for_budget
+from paged_jax.runtime.state import free_device_bytes, num_pages_for_budget
 from paged_jax.runtime.step import VARIANTS
 
 logger = logging.getLogger(__name__)
@@ -42,16 +47,17 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
     """Load the model, size the KV pool, wire the pieces and warm up (when configured)."""
     if cfg.compilation_cache_dir:
         enable_compilation_cache(cfg.compilation_cache_dir)
-    loaded = load_model(cfg.model, cfg.dtype)
+    loaded, mesh = _load_placed(cfg)
     model_config = loaded.config
     max_model_len = cfg.max_model_len or model_config.max_position_embeddings
     kv_dtype = resolve_dtype(cfg.dtype if cfg.kv_dtype == "auto" else cfg.kv_dtype)
     num_pages = cfg.num_pages or num_pages_for_budget(
-        model_config,
+        tp.local_config(model_config, cfg.tensor_parallel_size),
         page_size=cfg.page_size,
         dtype=kv_dtype,
         memory_fraction=cfg.kv_memory_fraction,
         cpu_bytes=cfg.kv_cpu_bytes,
+        devices=None if mesh is None else list(mesh.devices.flat),
     )
     scheduler_config = SchedulerConfig(
         max_num_seqs=cfg.max_num_seqs,
@@ -75,6 +81,7 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
         kv_dtype=kv_dtype,
         attn_impl=cfg.attn_impl,
         eos_token_ids=tuple(sorted(eos)),
+        mesh=mesh,
     )
     metrics = EngineMetrics(kv_cache)
     driver = Driver(
@@ -101,6 +108,39 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
         )
     return Engine(model_config, loaded.tokenizer, scheduler_config, kv_cache, metrics, driver,
                   loaded.load_seconds, warmup_seconds)  # fmt: skip
+
+
+def _load_placed(cfg: EngineConfig) -> tuple[LoadedModel, Mesh | None]:
+    """The loaded model on the one device, or (``tensor_parallel_size`` > 1) loaded once (on
+    the host, or random weights on the first device when they fit) and placed shard by shard
+    on a mesh of local devices."""
+    size = cfg.tensor_parallel_size
+    if size == 1:
+        return load_model(cfg.model, cfg.dtype), None
+    tp.check_device_count(size)  # before a long load
+    with jax.default_device(_staging_device(cfg.model, cfg.dtype)):
+        loaded = load_model(cfg.model, cfg.dtype)
+    tp.check_tp_size(loaded.config, size)
+    mesh = tp.make_mesh(size)
+    params = tp.shard_params(loaded.params, loaded.config, mesh)
+    logger.info("tensor parallel over %d devices: %s", size, list(mesh.devices.flat))
+    return dataclasses.replace(loaded, params=params), mesh
+
+
+def _staging_device(model: str, dtype: Any) -> jax.Device:
+    """Where the one full copy is made before ``shard_params``: the first device for random
+    weights that fit half its free memory (drawn there, fast), else the host (checkpoints are
+    read there anyway; a 70B model fits no single device)."""
+    device = jax.local_devices()[0]
+    if not model.startswith(RANDOM_PREFIX) or device.platform == "cpu":
+        return jax.devices("cpu")[0]
+    cfg = preset_config(model[len(RANDOM_PREFIX) :])
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    per_layer = d * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * d + 3 * d * f
+    count = cfg.num_layers * per_layer + (1 if cfg.tie_word_embeddings else 2) * cfg.vocab_size * d
+    free = free_device_bytes([device])
+    fits = free is not None and count * jnp.dtype(resolve_dtype(dtype)).itemsize < free // 2
+    return device if fits else jax.devices("cpu")[0]
 
 
 def runner_stats(runner: ModelRunner) -> dict[str, Any]:

@@ -8,7 +8,9 @@ served. A bad line never stops the others. With ``n`` > 1 the line also gets ``o
 completion in order (the top-level fields are completion 0's). A line with ``beam_width`` (or
 every line, with ``--beam-width K``) runs beam search (fields: ``beam_width, max_tokens,
 length_penalty, early_stopping, ignore_eos``) and gets ``beams``: ``text, token_ids, score``
-best first (the top-level fields are the best beam's).
+best first (the top-level fields are the best beam's). Data parallel: run one process per
+share with ``--coordinator-address/--num-processes/--process-id`` (or ``--distributed``, the
+job from the environment); process 0 merges the outputs (``paged_jax.distributed``).
 
 ``paged-jax eval --config configs/eval/<name>.yaml [key=value ...]`` or
 ``paged-jax eval --gin-file configs/eval/<name>.gin [--gin-param 'x.y=z' ...]`` runs an
@@ -61,16 +63,24 @@ def _parse_line(
 
 
 def generate(args: argparse.Namespace) -> int:
+    from paged_jax import distributed
     from paged_jax.llm import LLM
 
     lines = Path(args.input).read_text().splitlines()  # before the model load: fail fast
+    group = distributed.initialize(
+        args.coordinator_address,
+        args.num_processes,
+        args.process_id,
+        from_environment=args.distributed,
+    )
+    numbered = [(i, line) for i, line in enumerate(lines) if line.strip()]
     options = {"model": args.model} if args.model else {}
     llm = LLM(config=args.config, overrides=args.overrides, **options)
     results: list[dict[str, Any] | None] = []
+    indices: list[int] = []  # input line of each result
     valid: list[tuple[int, str, Any, SamplingParams]] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
+    for i, line in distributed.local_items(numbered, group):
+        indices.append(i)
         try:
             request_id, prompt, params = _parse_line(llm, line, i, args.beam_width)
         except (ValueError, TypeError) as e:
@@ -105,11 +115,9 @@ def generate(args: argparse.Namespace) -> int:
             }
             num_tokens += len(best.token_ids)
     seconds = time.perf_counter() - start
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w") as f:
-        for r in results:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    distributed.write_merged(
+        args.output, zip(indices, results, strict=True), [i for i, _ in numbered], group
+    )
     if args.print:
         for r in results:
             body = r.get("text") if "text" in r else f"ERROR: {r['error']}"
@@ -129,6 +137,8 @@ def generate(args: argparse.Namespace) -> int:
         "compiles_after_warmup": stats["compiles_after_warmup"],
         "warmup_seconds": round(stats["warmup_seconds"], 2),
     }
+    if group.num_processes > 1:
+        summary["process"] = f"{group.process_id}/{group.num_processes}"
     print("summary " + json.dumps(summary))
     return 0
 
@@ -180,6 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--print", action="store_true", help="also print each result")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--beam-width", type=int, default=None, help="beam search on every line")
+    gen.add_argument("--coordinator-address", help="data parallel: host:port of process 0")
+    gen.add_argument("--num-processes", type=int, help="data parallel: processes in the job")
+    gen.add_argument("--process-id", type=int, help="data parallel: this process, 0-based")
+    gen.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data parallel, the job taken from the environment (TPU, SLURM, MPI)",
+    )
     gen.add_argument("overrides", nargs="*", help="engine config overrides, key=value")
     ev = sub.add_parser("eval", help="evaluation run from a yaml or gin config")
     ev.add_argument("--config", help="eval yaml (configs/eval/*.yaml)")

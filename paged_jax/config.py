@@ -40,6 +40,7 @@ class EngineConfig:
     warmup_progress: bool = True  # a progress bar over the warmup compiles
     decode_steps: int = 8  # decode bursts: most decode steps per host round trip (1: off)
     seed: int = 0  # seeds unseeded requests (each still gets its own stream)
+    tensor_parallel_size: int = 1  # shard the model over this many local devices (runtime/tp)
 
     def __post_init__(self) -> None:
         for name in (
@@ -48,6 +49,7 @@ class EngineConfig:
             "max_num_batched_tokens",
             "kv_cpu_bytes",
             "decode_steps",
+            "tensor_parallel_size",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

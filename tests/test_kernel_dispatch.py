@@ -35,7 +35,11 @@ def test_write_kv_reexported() -> None:
 
 @pytest.mark.parametrize("impl", ["reference", "tpu", "gpu"])
 def test_explicit_impls_resolve(impl: str) -> None:
-    assert kernels.resolve_impl(impl) == impl
+    assert kernels.resolve_impl(impl, platform="tpu") == impl
+    # off a TPU the Mosaic kernel runs in its interpreter; the others are what they say
+    assert kernels.resolve_impl(impl) == ("tpu_interpret" if impl == "tpu" else impl)
+    assert kernels.resolve_impl("auto", platform="tpu") == "tpu"
+    assert kernels.resolve_impl("auto", platform="gpu") == "gpu"
 
 
 def test_decode_only_steps_run_the_decode_variant() -> None:

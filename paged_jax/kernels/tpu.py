@@ -5,7 +5,9 @@ item of one row). A few jnp ops build the item table (sequence, first position, 
 gather each item's q rows into [Hkv, items, G * block_q, D], so every grid step owns aligned,
 non-overlapping q and output blocks; the wrapper gathers output rows back to [T, Hq, D].
 
-Grid (Hkv, items). Scalar prefetch (SMEM): kv_lens, the flattened page tables, the item table.
+Grid (Hkv, items), both axes parallel: an item's DMAs start and finish inside its own grid
+step, so megacore chips may split either axis over their two TensorCores. Scalar prefetch
+(SMEM): kv_lens, the flattened page tables, the item table.
 K/V pages stay in HBM (`pl.ANY`); each loop step copies `pages_per_block` pages per array
 into one slot of a double-buffered VMEM scratch by async DMA, and starts the next step's copies
 before computing on the current one. Pages past a tile's needs are not copied; slots past a
@@ -249,7 +251,7 @@ def ragged_paged_attention(
             ],
         ),
         out_shape=jax.ShapeDtypeStruct((hkv, num_items, rows, d), q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret,
         name="ragged_paged_attention_tpu",
     )(kv_lens, page_tables.reshape(-1), seq, first_pos, item_rows, q_items, k_pages, v_pages)

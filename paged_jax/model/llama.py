@@ -66,11 +66,17 @@ def forward(
     positions: jax.Array,
     cache: Any,
     attn_fn: AttnFn,
+    all_reduce: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, Any]:
-    """Run the decoder over packed tokens. Returns the final-normed hidden states and cache."""
+    """Run the decoder over packed tokens. Returns the final-normed hidden states and cache.
+
+    ``all_reduce`` sums the partial outputs of ``wo`` and ``w_down`` across tensor-parallel
+    shards (``runtime/tp.py``: each shard holds some heads and FFN columns); None: one device.
+    """
     # token_ids, positions: i32[T] -> hidden [T, D]
     num_tokens = token_ids.shape[0]
     inv_freq = rope_inv_freq(cfg)
+    reduce = all_reduce or (lambda y: y)
     x = params["embed"][token_ids]  # [T, D]
     for layer_idx, layer in enumerate(params["layers"]):
         h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
@@ -87,13 +93,13 @@ def forward(
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         attn, cache = attn_fn(layer_idx, q, k, v, cache)  # [T, Hq, Dh]
-        o = attn.reshape(num_tokens, cfg.q_size) @ layer["wo"]
+        o = reduce(attn.reshape(num_tokens, cfg.q_size) @ layer["wo"])
         if cfg.o_bias:
             o = o + layer["bo"]
         x = x + o
         h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
         gate, up = jnp.split(h @ layer["w_gate_up"], 2, axis=-1)  # [T, F] each
-        x = x + (jax.nn.silu(gate) * up) @ layer["w_down"]
+        x = x + reduce((jax.nn.silu(gate) * up) @ layer["w_down"])
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache
 
 

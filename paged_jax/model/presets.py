@@ -20,6 +20,10 @@ PRESETS: dict[str, ModelConfig] = {
         arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048,
     ),
+    "tiny-8kv": ModelConfig(  # 8 kv heads: tensor parallel tests shard them 2 and 4 ways
+        arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=8, num_kv_heads=8, head_dim=16, max_position_embeddings=2048,
+    ),
     "smollm2-135m": ModelConfig(
         arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
         num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
@@ -37,6 +41,11 @@ PRESETS: dict[str, ModelConfig] = {
     "llama3-8b": ModelConfig(
         arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
         num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        max_position_embeddings=8192,
+    ),
+    "llama3-70b": ModelConfig(  # tensor parallel benchmarks (140 GB in bf16: tp >= 2 on H200)
+        arch="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+        num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
         max_position_embeddings=8192,
     ),
 }  # fmt: skip

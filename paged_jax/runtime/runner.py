@@ -8,6 +8,10 @@ hits and misses) and logs the seconds each took; after warmup every backend comp
 happens inside this runner's ``run`` is counted (``num_compiles_after_warmup``) — it must stay
 0. Compiles elsewhere (the user's own jnp code, another engine) are not this runner's.
 
+With a ``mesh`` (tensor parallel, ``runtime/tp.py``) the KV pages are sharded on kv heads, the
+step runs under ``shard_map`` and every input and output is replicated over the mesh; without
+one (``tensor_parallel_size=1``) nothing of that runs: no sharding is given anywhere.
+
 Nothing module-level refers to a runner: dropping the engine frees its params and KV pages.
 """
 
@@ -23,17 +27,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from paged_jax.engine.plan import StepPlan
 from paged_jax.kernels import resolve_impl
 from paged_jax.model.config import ModelConfig
 from paged_jax.model.llama import Params
+from paged_jax.runtime import tp
 from paged_jax.runtime.buckets import Buckets
 from paged_jax.runtime.burst import advance
 from paged_jax.runtime.pack import StepInputs, pack
 from paged_jax.runtime.select import GREEDY, SELECT_INPUTS, SelectMode, make_select, select_mode
 from paged_jax.runtime.state import KVState, copy_pages
-from paged_jax.runtime.step import VARIANTS, make_step
+from paged_jax.runtime.step import VARIANTS, StepFn, make_step
 from paged_jax.runtime.warmup import compile_all
 
 logger = logging.getLogger(__name__)
@@ -92,6 +98,7 @@ class ModelRunner:
         kv_dtype: Any,
         attn_impl: str = "auto",
         eos_token_ids: tuple[int, ...] = (),
+        mesh: Mesh | None = None,
         platform: str | None = None,
         kv: KVState | None = None,
     ) -> None:
@@ -103,15 +110,18 @@ class ModelRunner:
         self.page_size = page_size
         self.max_pages_per_seq = max_pages_per_seq
         self.buckets = buckets
-        self.kv = kv if kv is not None else KVState.create(cfg, num_pages, page_size, kv_dtype)
+        self.mesh = mesh
+        # step inputs and outputs: replicated over a tensor-parallel mesh; None: one device
+        self._replicated = None if mesh is None else tp.replicated(mesh)
+        self.kv = kv if kv is not None else self._create_kv(num_pages, kv_dtype)
         self.attn_impl = resolve_impl(attn_impl, platform)
         if self.attn_impl == "tpu_interpret":
             logger.warning("attn_impl='tpu' off a TPU: the Mosaic kernel runs in the TPU "
                            "interpreter, for checking, not for speed")  # fmt: skip
         self._steps = {
             variant: jax.jit(
-                make_step(
-                    cfg, attn_impl=self.attn_impl, eos_token_ids=eos_token_ids, variant=variant
+                self._make_step(
+                    attn_impl=self.attn_impl, eos_token_ids=eos_token_ids, variant=variant
                 ),
                 donate_argnums=(1,),
             )
@@ -131,6 +141,18 @@ class ModelRunner:
         self.warmup_cache = {"hits": 0, "misses": 0}  # persistent compilation cache
         _install_listener()
 
+    def _create_kv(self, num_pages: int, kv_dtype: Any) -> KVState:
+        """Zeroed KV pages: on the one device, or kv heads sharded over the mesh."""
+        if self.mesh is None:
+            return KVState.create(self.cfg, num_pages, self.page_size, kv_dtype)
+        return tp.create_kv(self.cfg, self.mesh, num_pages, self.page_size, kv_dtype)
+
+    def _make_step(self, **options: Any) -> StepFn:
+        """The step of one device, or of one shard under ``shard_map`` over the mesh."""
+        if self.mesh is None:
+            return make_step(self.cfg, **options)
+        return tp.make_tp_step(self.cfg, self.mesh, self.params, **options)
+
     def _inputs_spec(self, num_tokens: int, num_seqs: int) -> dict[str, jax.ShapeDtypeStruct]:
         empty = pack(
             StepPlan(scheduled=()),
@@ -139,21 +161,24 @@ class ModelRunner:
             page_size=self.page_size,
             max_pages_per_seq=self.max_pages_per_seq,
         )
-        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _as_dict(empty).items()}
+        return {k: self._struct(v.shape, v.dtype) for k, v in _as_dict(empty).items()}
+
+    def _struct(self, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated)
 
     def lower_args(self, key: ExecutableKey) -> tuple[Any, tuple]:
         """(jitted function, abstract arguments) of an executable, for lowering or export."""
         num_tokens, num_seqs, kind = key
         inputs = self._inputs_spec(max(num_tokens, num_seqs), num_seqs)
-        row = jax.ShapeDtypeStruct((num_seqs,), jnp.int32)
+        row = self._struct((num_seqs,), jnp.int32)
         if isinstance(kind, SelectMode):
-            logits = jax.ShapeDtypeStruct((num_seqs, self.cfg.vocab_size), jnp.float32)
+            logits = self._struct((num_seqs, self.cfg.vocab_size), jnp.float32)
             chosen = {k: inputs[k] for k in SELECT_INPUTS}
             return jax.jit(self._select(kind)), (logits, row, chosen)
         if kind == "copy":
             return self._copy, (self.kv, row, row)
         if kind == "advance":
-            return self._advance, (inputs, row, row, row, jax.ShapeDtypeStruct((), jnp.int32))
+            return self._advance, (inputs, row, row, row, self._struct((), jnp.int32))
         return self._steps[kind], (self.params, self.kv, inputs)
 
     def _lower(self, key: ExecutableKey) -> Any:
@@ -226,7 +251,7 @@ class ModelRunner:
         pairs = np.zeros((2, num_copies), np.int32)  # i32[2, C]; (NULL_PAGE, NULL_PAGE) pads
         pairs[:, : len(copies)] = np.asarray(copies, np.int32).T
         copy = self._executable(ExecutableKey(0, num_copies, "copy"))
-        self.kv = copy(self.kv, *jax.device_put((pairs[0], pairs[1])))
+        self.kv = copy(self.kv, *jax.device_put((pairs[0], pairs[1]), self._replicated))
 
     def _run(self, plan: StepPlan) -> StepOutput:
         start = time.perf_counter()
@@ -247,7 +272,7 @@ class ModelRunner:
             page_size=self.page_size,
             max_pages_per_seq=self.max_pages_per_seq,
         )
-        inputs = jax.device_put(_as_dict(inputs))
+        inputs = jax.device_put(_as_dict(inputs), self._replicated)
         if plan.num_steps:
             advance_fn = self._executable(ExecutableKey(*bucket, "advance"))
             burst = self._burst_state(plan, bucket)
@@ -288,7 +313,7 @@ class ModelRunner:
         return dict(
             zip(
                 ("num_steps", "min_tokens", "step"),
-                jax.device_put((num_steps, min_tokens, np.int32(0))),
+                jax.device_put((num_steps, min_tokens, np.int32(0)), self._replicated),
                 strict=True,
             )
         )

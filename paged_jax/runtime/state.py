@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +31,23 @@ class KVState:
     v_pages: tuple[jax.Array, ...]  # L x [Hkv, num_pages, page_size, Dh]
 
     @classmethod
-    def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVState:
-        shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype))  # one buffer per call
+    def create(
+        cls,
+        cfg: ModelConfig,
+        num_pages: int,
+        page_size: int,
+        dtype: jnp.dtype,
+        *,
+        num_kv_heads: int | None = None,
+        sharding: jax.sharding.Sharding | None = None,
+    ) -> KVState:
+        """Zeroed pages; tensor parallel passes the stored kv heads (``tp`` when kv heads are
+        replicated) and their sharding (kv heads across the mesh)."""
+        shape = (num_kv_heads or cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        if sharding is None:  # one device: today's path
+            zeros = jax.jit(lambda: jnp.zeros(shape, dtype))  # one buffer per call
+        else:
+            zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
         return cls(
             k_pages=tuple(zeros() for _ in range(cfg.num_layers)),
             v_pages=tuple(zeros() for _ in range(cfg.num_layers)),
@@ -63,12 +78,16 @@ def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: jnp.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * itemsize
 
 
-def free_device_bytes() -> int | None:
-    """Free accelerator memory in bytes, or None where the backend does not report it (CPU)."""
-    stats = jax.local_devices()[0].memory_stats()
-    if not stats or "bytes_limit" not in stats:
-        return None
-    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+def free_device_bytes(devices: Sequence[jax.Device] | None = None) -> int | None:
+    """The smallest free accelerator memory in bytes among ``devices`` (default: the first
+    local device), or None where the backend does not report it (CPU)."""
+    free = []
+    for device in devices or jax.local_devices()[:1]:
+        stats = device.memory_stats()
+        if not stats or "bytes_limit" not in stats:
+            return None
+        free.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+    return min(free)
 
 
 def num_pages_for_budget(
@@ -78,9 +97,13 @@ def num_pages_for_budget(
     dtype: jnp.dtype,
     memory_fraction: float,
     cpu_bytes: int,
+    devices: Sequence[jax.Device] | None = None,
 ) -> int:
-    """Pages that fit ``memory_fraction`` of free accelerator memory (``cpu_bytes`` on CPU)."""
-    free = free_device_bytes()
+    """Pages that fit ``memory_fraction`` of free accelerator memory (``cpu_bytes`` on CPU).
+
+    Tensor parallel: ``cfg`` is one shard's config (its kv heads) and the budget is the
+    smallest free memory among ``devices``, since every device holds every page's slice."""
+    free = free_device_bytes(devices)
     budget = cpu_bytes if free is None else int(free * memory_fraction)
     num_pages = budget // bytes_per_page(cfg, page_size, dtype)
     logger.info("KV budget %.2f GiB -> %d pages of %d tokens", budget / 2**30, num_pages, page_size)

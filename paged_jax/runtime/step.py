@@ -36,13 +36,14 @@ def make_step(
     attn_impl: str = "auto",
     eos_token_ids: tuple[int, ...] = (),
     variant: str = "plain",
+    all_reduce: Callable[[jax.Array], jax.Array] | None = None,
 ) -> StepFn:
     """Build ``step(params, kv, inputs) -> (kv, outputs)`` (not yet jitted).
 
     outputs: ``logits`` f32[S, V] (raw, at each sequence's last token); ``greedy`` i32[S], their
     argmax with EOS ids masked in rows flagged ``suppress_eos`` (fewer than min_tokens outputs);
     for the ``prompt`` variant also ``prompt``, scores of every packed token against
-    ``target_ids``.
+    ``target_ids``. ``all_reduce``: see ``model.llama.forward`` (tensor parallel only).
     """
     if variant not in VARIANTS:
         raise ValueError(f"{variant=} must be one of {VARIANTS}")
@@ -74,7 +75,13 @@ def make_step(
             return out, (k_pages, v_pages)
 
         hidden, (k_pages, v_pages) = forward(
-            params, cfg, inputs["token_ids"], inputs["positions"], (kv.k_pages, kv.v_pages), attn_fn
+            params,
+            cfg,
+            inputs["token_ids"],
+            inputs["positions"],
+            (kv.k_pages, kv.v_pages),
+            attn_fn,
+            all_reduce,
         )
         logits = compute_logits(params, cfg, hidden[inputs["logits_indices"]])  # f32[S, V]
         greedy = jnp.argmax(mask_eos(logits, inputs["suppress_eos"], eos_ids), axis=-1)
