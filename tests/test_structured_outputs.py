@@ -63,12 +63,13 @@ ORDERS = [
 
 @pytest.fixture(scope="module")
 def llm(smollm2_gguf):
+    # one sequence bucket and two token buckets: few compiles (warmup off, as CI's budget asks)
     engine = LLM(
         "smollm2-135m",
-        num_pages=256,
-        max_model_len=384,
-        max_num_seqs=24,
-        max_num_batched_tokens=256,
+        num_pages=96,
+        max_model_len=160,
+        max_num_seqs=8,
+        max_num_batched_tokens=32,
         warmup=False,
     )
     yield engine
@@ -190,3 +191,17 @@ def test_bad_words_are_never_completed(llm):
 def test_bad_grammar_fails_its_request_only(llm, so, message):
     with pytest.raises(ValueError, match=message):
         llm.check_request("Hi", SamplingParams(structured_outputs=so))
+
+
+def test_chat_is_generate_over_conversations(llm):
+    """LLM.chat (vLLM's): one conversation or a list, the chat template applied."""
+    conversation = chat("Name a colour.")
+    params = SamplingParams(temperature=0, max_tokens=6)
+    want = llm.generate([conversation], params, use_tqdm=False)[0]
+    one = llm.chat(conversation, params, use_tqdm=False)
+    two = llm.chat([conversation, chat("Name a fruit.")], params, use_tqdm=False)
+    assert len(one) == 1 and len(two) == 2
+    assert one[0].outputs[0].token_ids == two[0].outputs[0].token_ids == want.outputs[0].token_ids
+    assert one[0].prompt.startswith("<|im_start|>")  # the ChatML template was applied
+    with pytest.raises(ValueError, match="messages"):
+        llm.chat([], params)
