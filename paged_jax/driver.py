@@ -21,9 +21,11 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
+import numpy as np
 from tqdm import tqdm
 
 from paged_jax.engine.beam import BeamGroup, BeamSearchParams
+from paged_jax.engine.plan import StepPlan
 from paged_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from paged_jax.engine.scheduler import Scheduler
 from paged_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -32,7 +34,7 @@ from paged_jax.io.tokenizer import Tokenizer
 from paged_jax.metrics import EngineMetrics, StepTimes
 from paged_jax.request import BeamRequest, Completion, Prompt, Request
 from paged_jax.runtime.runner import ModelRunner
-from paged_jax.structured import GrammarCompiler, TokenConstraints
+from paged_jax.structured import TokenMasks
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +64,7 @@ class Driver:
         # seq_id -> its request and completion, until the completion finishes
         self._live: dict[int, tuple[Request, Completion]] = {}
         self._beams: dict[int, BeamRequest] = {}  # seq_id of a live beam -> its request
-        self._grammars: GrammarCompiler | None = None  # made at the first structured request
-        self.mask_seconds = 0.0  # host time making token masks (grammars, bad words)
-        self.num_mask_steps = 0  # steps that made at least one
+        self.token_masks = TokenMasks(tokenizer, runner.cfg.vocab_size)
 
     # ------------------------------------------------------------------ requests
 
@@ -78,47 +78,15 @@ class Driver:
                 f"model={self._model_name!r} has no tokenizer: use SamplingParams(detokenize=False)"
             )
         self.scheduler.check_group_size(params.n)
-        self._check_controls(params)
+        self.token_masks.check(params)
         return self.encode_checked(prompt)
-
-    def _check_controls(self, params: SamplingParams) -> None:
-        """Token ids of the logits controls against the vocabulary, and the grammar."""
-        vocab = self.runner.cfg.vocab_size
-        for name in ("logit_bias", "allowed_token_ids"):
-            bad = [t for t in getattr(params, name) or () if t >= vocab]
-            if bad:
-                raise ValueError(f"{name} has token ids {bad[:5]} outside the vocab of {vocab}")
-        if params.bad_words and self._tokenizer is None:
-            raise ValueError("bad_words need a tokenizer")
-        if params.structured_outputs is not None:
-            self._grammar_compiler().matcher(params.structured_outputs)
-
-    def _grammar_compiler(self) -> GrammarCompiler:
-        if self._grammars is None:
-            if self._tokenizer is None:
-                raise ValueError("structured_outputs need a tokenizer")
-            self._grammars = GrammarCompiler(self._tokenizer, self.runner.cfg.vocab_size)
-        return self._grammars
-
-    def _constraints(self, params: SamplingParams) -> list[TokenConstraints | None]:
-        """One TokenConstraints per completion of a request that masks tokens, else Nones."""
-        if params.allowed_token_ids is None and not params.needs_mask_per_step:
-            return [None] * params.n
-        matcher = None
-        if params.structured_outputs is not None:
-            matcher = self._grammar_compiler().matcher(params.structured_outputs)
-        return [
-            TokenConstraints(params, self.runner.cfg.vocab_size, tokenizer=self._tokenizer,
-                             matcher=matcher.deep_copy() if matcher is not None else None)
-            for _ in range(params.n)
-        ]  # fmt: skip
 
     def make_request(self, prompt: Prompt, params: SamplingParams) -> Request:
         """Validate and tokenize one prompt (ValueError naming the field); not queued yet."""
         text, ids = self.check(prompt, params)
         request_id = str(next(self._request_ids))
         completions = []
-        constraints = self._constraints(params)
+        constraints = self.token_masks.constraints(params)
         for index in range(params.n):
             seq = Sequence(request_id, ids, params, prompt=text,
                            default_seed=self._default_seed, index=index)  # fmt: skip
@@ -255,19 +223,16 @@ class Driver:
         self.metrics.record(plan, num_sampled, self.scheduler.kv_utilization(), times)
         return touched
 
-    def _token_masks(self, plan) -> dict:
+    def _token_masks(self, plan: StepPlan) -> dict[int, np.ndarray]:
         """Row -> packed token mask i32[W] for the rows that sample under TokenConstraints."""
-        start, masks = time.perf_counter(), {}
+        rows = []
         for row, item in enumerate(plan.scheduled):
             live = self._live.get(item.seq.seq_id) if item.sample else None
             if live is not None and live[1].constraints is not None:
-                masks[row] = live[1].constraints.mask(item.seq.output_token_ids)
-        if masks:
-            self.mask_seconds += time.perf_counter() - start
-            self.num_mask_steps += 1
-        return masks
+                rows.append((row, live[1].constraints, item.seq.output_token_ids))
+        return self.token_masks.masks(rows)
 
-    def _feed_constraints(self, plan) -> set[int]:
+    def _feed_constraints(self, plan: StepPlan) -> set[int]:
         """Give each grammar its row's new tokens; finish the completions whose grammar ended
         (or rejected a token). Returns their seq ids."""
         finished = set()

@@ -159,12 +159,17 @@ class LLM:
         self.kv_cache.reset_prefix_cache()
 
     def stats(self) -> dict[str, Any]:
-        """Counters, prefix-cache and sharing figures, compiles, warmup and model sizes."""
+        """Counters, prefix-cache and sharing figures, compiles, warmup, model sizes and the
+        host time of token masks."""
         return {
             **self.metrics.stats(),
             **runner_stats(self._driver.runner),
             "warmup_seconds": self.warmup_seconds,
             "load_seconds": self.load_seconds,
+            # host seconds making token masks (grammars, bad words, allowed ids), and the
+            # steps that made some: their ratio is the host's mask time per such step
+            "mask_seconds": self._driver.token_masks.seconds,
+            "mask_steps": self._driver.token_masks.num_steps,
         }
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import llguidance
 import llguidance.numpy as llg_numpy
@@ -170,3 +171,62 @@ class TokenConstraints:
                 logger.error("grammar rejected token %d: %s", t, self.matcher.get_error())
                 return False
         return True
+
+
+class TokenMasks:
+    """The driver's side of token masks: request checks, each completion's TokenConstraints,
+    the masks of a step's rows, and the host seconds they took (``LLM.stats``)."""
+
+    def __init__(self, tokenizer: Tokenizer | None, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._grammars: GrammarCompiler | None = None  # made at the first structured request
+        self.seconds = 0.0  # host time making masks
+        self.num_steps = 0  # steps that made at least one
+
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs need a tokenizer")
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
+        return self._grammars
+
+    def check(self, params: SamplingParams) -> None:
+        """Token ids of the logits controls against the vocabulary, and the grammar."""
+        for name in ("logit_bias", "allowed_token_ids"):
+            bad = [t for t in getattr(params, name) or () if t >= self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"{name} has token ids {bad[:5]} outside the vocab of {self.vocab_size}"
+                )
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError("bad_words need a tokenizer")
+        if params.structured_outputs is not None:
+            self.grammars().matcher(params.structured_outputs)
+
+    def constraints(self, params: SamplingParams) -> list[TokenConstraints | None]:
+        """One TokenConstraints per completion of a request that masks tokens, else Nones."""
+        if params.allowed_token_ids is None and not params.needs_mask_per_step:
+            return [None] * params.n
+        matcher = None
+        if params.structured_outputs is not None:
+            matcher = self.grammars().matcher(params.structured_outputs)
+        return [
+            TokenConstraints(
+                params,
+                self.vocab_size,
+                tokenizer=self.tokenizer,
+                matcher=matcher.deep_copy() if matcher is not None else None,
+            )
+            for _ in range(params.n)
+        ]
+
+    def masks(self, rows: list[tuple[int, TokenConstraints, list[int]]]) -> dict[int, np.ndarray]:
+        """Row -> packed mask i32[W] of (row, constraints, output ids so far) triples; timed."""
+        if not rows:
+            return {}
+        start = time.perf_counter()
+        masks = {row: constraints.mask(output_ids) for row, constraints, output_ids in rows}
+        self.seconds += time.perf_counter() - start
+        self.num_steps += 1
+        return masks

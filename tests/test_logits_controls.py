@@ -153,6 +153,7 @@ def test_engine_greedy_with_controls_follows_the_oracle(tiny):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
     outs = tiny.generate(prompts, [CASES[n] for n in names], use_tqdm=False)
     assert tiny.stats()["compiles_after_warmup"] == 0  # a mixed batch: nothing compiled
+    assert any(r.num_steps > 1 for r in tiny.timeline)  # penalties counted inside bursts too
     plain = tiny.generate(PROMPTS, CASES["none"], use_tqdm=False)
     outputs = [o.outputs[0].token_ids for o in outs]
     width = max(len(p) + len(o) for p, o in zip(prompts, outputs, strict=True))
