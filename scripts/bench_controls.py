@@ -6,7 +6,7 @@ Two measurements, one JSON line per case and a markdown table:
    decode_steps 1 so no case gets bursts the others lack), mean wall time of a decode step
    from the engine's timeline, for: off; penalties (repetition, frequency, presence);
    all (penalties + a 64-entry logit_bias + allowed_token_ids of half the vocabulary +
-   bad_words); all + a grammar (a regex any text matches: the mask every step). The host
+   bad_words); all + a grammar (a regex any text matches: a host mask every step). The host
    seconds of the grammar / bad-words masks are reported apart.
 2. device: the controls executable alone (``runtime.controls``) at vocab 49,152 and 128,256,
    S rows of max_model_len tokens each, and the step's own logits for scale.
@@ -53,13 +53,22 @@ def case_params(name: str, vocab: int, tokens: int, has_tokenizer: bool) -> Samp
     if name == "all":
         extra = {"bad_words": ["sea", "lighthouse keeper"]} if has_tokenizer else {}
         return SamplingParams(**base, **every, **extra)
-    grammar = StructuredOutputsParams(regex=r"(.|\n)*")
-    return SamplingParams(**base, **every, bad_words=["sea"], structured_outputs=grammar)
+    grammar = StructuredOutputsParams(regex=r"(.|\n)*")  # min_tokens: EOS would end the grammar
+    return SamplingParams(
+        **base, **every, min_tokens=tokens, bad_words=["sea"], structured_outputs=grammar
+    )
 
 
 def bench_engine(model: str, seqs: list[int], tokens: int) -> list[dict]:
-    llm = LLM(model, max_model_len=512, max_num_seqs=max(seqs), max_num_batched_tokens=512,
-              decode_steps=1, warmup=True, warmup_progress=False)  # fmt: skip
+    llm = LLM(
+        model,
+        max_model_len=512,
+        max_num_seqs=max(seqs),
+        max_num_batched_tokens=512,
+        decode_steps=1,
+        warmup=True,
+        warmup_progress=False,
+    )
     vocab = llm.model_config.vocab_size
     has_tok = llm.tokenizer is not None
     prompt = PROMPT if has_tok else list(range(1, 40))
@@ -77,11 +86,15 @@ def bench_engine(model: str, seqs: list[int], tokens: int) -> list[dict]:
             step_ms = statistics.mean(r.step_s for r in decode) * 1e3
             mask_s = llm.stats()["mask_seconds"] - mask_before
             row = {
-                "part": "engine", "model": model, "seqs": num_seqs, "case": name,
-                "decode_steps": len(decode), "step_ms": round(step_ms, 2),
+                "part": "engine",
+                "model": model,
+                "seqs": num_seqs,
+                "case": name,
+                "decode_steps": len(decode),
+                "step_ms": round(step_ms, 2),
                 "host_mask_ms_per_step": round(mask_s / max(len(llm.timeline), 1) * 1e3, 3),
                 "compiles_after_warmup": llm.stats()["compiles_after_warmup"],
-            }  # fmt: skip
+            }
             print(json.dumps(row))
             rows.append(row)
     off = {r["seqs"]: r["step_ms"] for r in rows if r["case"] == "off"}
@@ -114,8 +127,13 @@ def bench_device(seqs: list[int], max_len: int = 512, page_size: int = 16) -> li
                 start = time.perf_counter()
                 jax.block_until_ready(process(logits, token_pages, inputs, controls))
                 times.append(time.perf_counter() - start)
-            row = {"part": "device", "vocab": vocab, "seqs": num_seqs, "tokens_per_row": max_len,
-                   "controls_ms": round(min(times) * 1e3, 3)}  # fmt: skip
+            row = {
+                "part": "device",
+                "vocab": vocab,
+                "seqs": num_seqs,
+                "tokens_per_row": max_len,
+                "controls_ms": round(min(times) * 1e3, 3),
+            }
             print(json.dumps(row))
             rows.append(row)
     return rows
