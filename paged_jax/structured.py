@@ -32,7 +32,7 @@ from paged_jax.io.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Compact JSON (", " and ": " only, no free whitespace): small models otherwise indent until
+# Compact JSON (no whitespace outside strings, `{"a":1}`): small models otherwise indent until
 # max_tokens runs out. vLLM's default is flexible whitespace; a schema gets it back with
 # ``"x-guidance": {"whitespace_flexible": true}``.
 JSON_DEFAULTS = {"whitespace_flexible": False}
@@ -148,12 +148,15 @@ class TokenConstraints:
         """The grammar reached its end: nothing more may be generated."""
         return self.matcher is not None and self.matcher.is_stopped()
 
-    def mask(self, output_ids: list[int]) -> np.ndarray:
-        """The packed mask of the next token after ``output_ids``; i32[W]."""
+    def mask(self, output_ids: list[int], grammar: np.ndarray | None = None) -> np.ndarray:
+        """The packed mask of the next token after ``output_ids``; i32[W]. ``grammar``: this
+        step's grammar mask i32[W] when the caller computed it already (a batch at once)."""
         mask = self.static
         if self.matcher is not None:
-            llg_numpy.fill_next_token_bitmask(self.matcher, self._buffer, 0)
-            mask = mask & self._buffer[0]
+            if grammar is None:
+                llg_numpy.fill_next_token_bitmask(self.matcher, self._buffer, 0)
+                grammar = self._buffer[0]
+            mask = mask & grammar
         banned = [
             last for prefix, last in self.bad_prefixes if output_ids[-len(prefix) :] == prefix
         ]
@@ -181,6 +184,7 @@ class TokenMasks:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._grammars: GrammarCompiler | None = None  # made at the first structured request
+        self._executor: llguidance.LLExecutor | None = None  # threads for a batch of grammars
         self.seconds = 0.0  # host time making masks
         self.num_steps = 0  # steps that made at least one
 
@@ -226,7 +230,21 @@ class TokenMasks:
         if not rows:
             return {}
         start = time.perf_counter()
-        masks = {row: constraints.mask(output_ids) for row, constraints, output_ids in rows}
+        # every grammar row's mask in one call, on llguidance's threads
+        grammar = [(i, c.matcher) for i, (_, c, _) in enumerate(rows) if c.matcher is not None]
+        buffer = np.full((len(rows), (self.vocab_size + 31) // 32), -1, np.int32)  # i32[n, W]
+        if len(grammar) > 1:
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor()
+            pairs = [(matcher, i) for i, matcher in grammar]
+            llg_numpy.fill_next_token_bitmask_par(self._executor, pairs, buffer)
+        else:
+            for i, matcher in grammar:
+                llg_numpy.fill_next_token_bitmask(matcher, buffer, i)
+        masks = {
+            row: constraints.mask(output_ids, buffer[i] if constraints.matcher else None)
+            for i, (row, constraints, output_ids) in enumerate(rows)
+        }
         self.seconds += time.perf_counter() - start
         self.num_steps += 1
         return masks
