@@ -208,3 +208,33 @@ def test_token_ids_outside_the_vocab_are_refused(tiny):
             SamplingParams(allowed_token_ids=[1, VOCAB + 3], detokenize=False),
             use_tqdm=False,
         )
+
+
+def test_logprobs_are_raw_and_ranked_as_vllm(tiny):
+    """Sampled tokens under controls: their Logprob is of the raw model distribution, ranked
+    as vLLM ranks (the top-k ranks 1..k; the sampled token's rank is how many are >= it)."""
+    params = SamplingParams(
+        temperature=1.0,
+        seed=2,
+        max_tokens=6,
+        ignore_eos=True,
+        logprobs=4,
+        detokenize=False,
+        presence_penalty=1.0,
+        logit_bias={9: 5.0},
+    )
+    out = tiny.generate([PROMPTS[0]], params, use_tqdm=False)[0].outputs[0]
+    runner = tiny._driver.runner
+    ids = jnp.asarray([PROMPTS[0] + out.token_ids], jnp.int32)
+    ref = np.asarray(jax.nn.log_softmax(dense_logits(runner.params, runner.cfg, ids)[0]))
+    total = 0.0
+    for j, (token, entry) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
+        raw = ref[len(PROMPTS[0]) - 1 + j]
+        assert abs(entry[token].logprob - raw[token]) < 1e-4
+        assert entry[token].rank == int(np.sum(raw >= raw[token]))
+        top = sorted(
+            (e for t, e in entry.items() if t != token or e.rank <= 4), key=lambda e: e.rank
+        )
+        assert [e.rank for e in top][:4] == [1, 2, 3, 4]
+        total += entry[token].logprob
+    assert abs(out.cumulative_logprob - total) < 1e-6

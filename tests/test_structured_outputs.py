@@ -206,3 +206,19 @@ def test_chat_is_generate_over_conversations(llm):
     assert one[0].prompt.startswith("<|im_start|>")  # the ChatML template was applied
     with pytest.raises(ValueError, match="messages"):
         llm.chat([], params)
+
+
+def test_include_stop_str_in_output(llm):
+    prompt = "The capital of France is"
+    cut, kept = (
+        llm.generate(
+            [prompt],
+            SamplingParams(
+                temperature=0, max_tokens=12, stop=["."], include_stop_str_in_output=include
+            ),
+            use_tqdm=False,
+        )[0].outputs[0]
+        for include in (False, True)
+    )
+    assert cut.text == " Paris" and kept.text == " Paris."
+    assert cut.stop_reason == kept.stop_reason == "."

@@ -133,15 +133,17 @@ class SamplingParams:
                 raise ValueError(f"logit_bias={self.logit_bias!r} must be a dict token id -> bias")
             if len(self.logit_bias) > MAX_LOGIT_BIAS:
                 raise ValueError(
-                    f"logit_bias has {len(self.logit_bias)} entries, more than {MAX_LOGIT_BIAS}"
+                    f"logit_bias=<{len(self.logit_bias)} entries> holds more than {MAX_LOGIT_BIAS}"
                 )
             bias = {}
             for key, value in self.logit_bias.items():  # JSON gives str keys: "123" -> 123
                 token_id = int(key) if isinstance(key, str) and key.isdigit() else key
                 if not _is_int(token_id) or token_id < 0:
-                    raise ValueError(f"logit_bias key {key!r} must be a token id >= 0")
+                    raise ValueError(f"logit_bias={{{key!r}: ...}}: keys must be token ids >= 0")
                 if not _is_float(value) or not -100 <= value <= 100:
-                    raise ValueError(f"logit_bias[{key!r}]={value!r} must be in [-100, 100]")
+                    raise ValueError(
+                        f"logit_bias={{{key!r}: {value!r}}}: biases must be in [-100, 100]"
+                    )
                 bias[token_id] = float(value)
             object.__setattr__(self, "logit_bias", bias)
         if self.allowed_token_ids is not None:

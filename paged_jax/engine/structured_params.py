@@ -28,7 +28,8 @@ class StructuredOutputsParams:
         given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
             raise ValueError(
-                f"structured_outputs must set exactly one of {list(_KINDS)}, got {given or 'none'}"
+                f"structured_outputs={self!r} must set exactly one of {list(_KINDS)}, "
+                f"got {given or 'none'}"
             )
         if isinstance(self.json, str):
             try:
@@ -66,7 +67,7 @@ class StructuredOutputsParams:
         if isinstance(value, dict):
             unknown = sorted(set(value) - set(_KINDS))
             if unknown:
-                raise ValueError(f"structured_outputs: unknown field(s) {unknown}")
+                raise ValueError(f"structured_outputs={value!r}: unknown field(s) {unknown}")
             return cls(**value)
         raise ValueError(
             f"structured_outputs={value!r} must be StructuredOutputsParams or a dict of "
