@@ -15,8 +15,10 @@ __all__ = [
     "BeamSearchOutput",
     "BeamSearchParams",
     "CompletionOutput",
+    "Logprob",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
 ]
 
 _WHERE = {
@@ -24,8 +26,10 @@ _WHERE = {
     "BeamSearchOutput": "paged_jax.engine.outputs",
     "BeamSearchParams": "paged_jax.engine.beam",
     "CompletionOutput": "paged_jax.engine.outputs",
+    "Logprob": "paged_jax.engine.outputs",
     "RequestOutput": "paged_jax.engine.outputs",
     "SamplingParams": "paged_jax.engine.sampling_params",
+    "StructuredOutputsParams": "paged_jax.engine.structured_params",
 }
 
 

@@ -8,9 +8,14 @@ served. A bad line never stops the others. With ``n`` > 1 the line also gets ``o
 completion in order (the top-level fields are completion 0's). A line with ``beam_width`` (or
 every line, with ``--beam-width K``) runs beam search (fields: ``beam_width, max_tokens,
 length_penalty, early_stopping, ignore_eos``) and gets ``beams``: ``text, token_ids, score``
-best first (the top-level fields are the best beam's). Data parallel: run one process per
-share with ``--coordinator-address/--num-processes/--process-id`` (or ``--distributed``, the
-job from the environment); process 0 merges the outputs (``paged_jax.distributed``).
+best first (the top-level fields are the best beam's). A line that sets ``logprobs`` also gets
+``logprobs`` (per token ``{id: {logprob, rank, decoded_token}}``) and ``cumulative_logprob``;
+``prompt_logprobs`` gets ``prompt_logprobs`` (null for the first prompt token); ``stop`` or
+``stop_token_ids`` gets ``stop_reason``. ``structured_outputs`` takes vLLM's fields as an object
+(``{"json": {...schema...}}``, ``{"regex": ...}``, ``{"choice": [...]}``, ``{"grammar": ...}``).
+Data parallel: run one process per share with ``--coordinator-address/--num-processes/
+--process-id`` (or ``--distributed``, the job from the environment); process 0 merges the
+outputs (``paged_jax.distributed``).
 
 ``paged-jax eval --config configs/eval/<name>.yaml [key=value ...]`` or
 ``paged-jax eval --gin-file configs/eval/<name>.gin [--gin-param 'x.y=z' ...]`` runs an
@@ -95,10 +100,12 @@ def generate(args: argparse.Namespace) -> int:
     if sampled:  # LLM.generate rejects an empty list; every line may be bad or blank
         outs = llm.generate([v[2] for v in sampled], [v[3] for v in sampled],
                             use_tqdm=not args.quiet)  # fmt: skip
-        for (slot, request_id, _, _), out in zip(sampled, outs, strict=True):
-            results[slot] = {"id": request_id, **_completion(out.outputs[0])}
+        for (slot, request_id, _, params), out in zip(sampled, outs, strict=True):
+            results[slot] = {"id": request_id, **_completion(out.outputs[0], params)}
             if len(out.outputs) > 1:
-                results[slot]["outputs"] = [_completion(c) for c in out.outputs]
+                results[slot]["outputs"] = [_completion(c, params) for c in out.outputs]
+            if params.prompt_logprobs is not None:
+                results[slot]["prompt_logprobs"] = _logprobs_json(out.prompt_logprobs)
             num_tokens += sum(len(c.token_ids) for c in out.outputs)
     by_params: dict[BeamSearchParams, list] = {}
     for v in beams:
@@ -143,8 +150,22 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _completion(c: Any) -> dict[str, Any]:
-    return {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+def _completion(c: Any, params: SamplingParams) -> dict[str, Any]:
+    out = {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+    if params.stop is not None or params.stop_token_ids:
+        out["stop_reason"] = c.stop_reason
+    if params.logprobs is not None:
+        out["logprobs"] = _logprobs_json(c.logprobs)
+        out["cumulative_logprob"] = c.cumulative_logprob
+    return out
+
+
+def _logprobs_json(entries: list[dict[int, Any] | None]) -> list[dict[str, Any] | None]:
+    """Per position {token id (a JSON key, so a str): {logprob, rank, decoded_token}}."""
+    return [
+        None if e is None else {str(t): dataclasses.asdict(lp) for t, lp in e.items()}
+        for e in entries
+    ]
 
 
 def _line_id(line: str, index: int) -> str:

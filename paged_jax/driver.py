@@ -9,7 +9,9 @@ others' requests and nothing is lost between calls. Per step::
     finished = scheduler.update(plan, out.sampled)
     then: logprobs, incremental detokenization, stop strings, metrics
 
-Stop strings are found here, on the detokenized text, and cut from the returned text.
+Stop strings are found here, on the detokenized text, and cut from the returned text (kept
+with ``include_stop_str_in_output``). Token masks (allowed ids, bad words, grammars) are made
+here per step from each completion's ``structured.TokenConstraints`` and fed its new tokens.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
+import numpy as np
 from tqdm import tqdm
 
 from paged_jax.engine.beam import BeamGroup, BeamSearchParams
+from paged_jax.engine.plan import StepPlan
 from paged_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from paged_jax.engine.scheduler import Scheduler
 from paged_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -30,6 +34,7 @@ from paged_jax.io.tokenizer import Tokenizer
 from paged_jax.metrics import EngineMetrics, StepTimes
 from paged_jax.request import BeamRequest, Completion, Prompt, Request
 from paged_jax.runtime.runner import ModelRunner
+from paged_jax.structured import TokenMasks
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,7 @@ class Driver:
         # seq_id -> its request and completion, until the completion finishes
         self._live: dict[int, tuple[Request, Completion]] = {}
         self._beams: dict[int, BeamRequest] = {}  # seq_id of a live beam -> its request
+        self.token_masks = TokenMasks(tokenizer, runner.cfg.vocab_size)
 
     # ------------------------------------------------------------------ requests
 
@@ -72,6 +78,7 @@ class Driver:
                 f"model={self._model_name!r} has no tokenizer: use SamplingParams(detokenize=False)"
             )
         self.scheduler.check_group_size(params.n)
+        self.token_masks.check(params)
         return self.encode_checked(prompt)
 
     def make_request(self, prompt: Prompt, params: SamplingParams) -> Request:
@@ -79,6 +86,7 @@ class Driver:
         text, ids = self.check(prompt, params)
         request_id = str(next(self._request_ids))
         completions = []
+        constraints = self.token_masks.constraints(params)
         for index in range(params.n):
             seq = Sequence(request_id, ids, params, prompt=text,
                            default_seed=self._default_seed, index=index)  # fmt: skip
@@ -87,7 +95,7 @@ class Driver:
                 detok = IncrementalDetokenizer(
                     self._tokenizer, ids, skip_special_tokens=params.skip_special_tokens
                 )
-            completions.append(Completion(seq, detok))
+            completions.append(Completion(seq, detok, constraints[index]))
         if params.n > 1:
             SequenceGroup([c.seq for c in completions])
         return Request(completions)
@@ -174,7 +182,7 @@ class Driver:
                 raise RuntimeError("scheduler made no progress with requests pending")
             self.metrics.num_preemptions += len(plan.preempted)
             return []  # a sequence preempted itself; the next step re-admits it
-        out = self.runner.run(plan)
+        out = self.runner.run(plan, self._token_masks(plan))
         ran = time.perf_counter()
         if out.logprobs is not None or out.prompt_logprobs is not None:
             offset = 0
@@ -184,6 +192,7 @@ class Driver:
                     request.record_logprobs(completion, item, row, out, offset)
                 offset += item.num_new_tokens
         finished = {s.seq_id for s in self.scheduler.update(plan, out.sampled.tolist())}
+        finished |= self._feed_constraints(plan)
         touched, num_sampled = [], 0
         beam_requests: dict[int, BeamRequest] = {}
         for row, item in enumerate(plan.scheduled):
@@ -214,6 +223,30 @@ class Driver:
         self.metrics.record(plan, num_sampled, self.scheduler.kv_utilization(), times)
         return touched
 
+    def _token_masks(self, plan: StepPlan) -> dict[int, np.ndarray]:
+        """Row -> packed token mask i32[W] for the rows that sample under TokenConstraints."""
+        rows = []
+        for row, item in enumerate(plan.scheduled):
+            live = self._live.get(item.seq.seq_id) if item.sample else None
+            if live is not None and live[1].constraints is not None:
+                rows.append((row, live[1].constraints, item.seq.output_token_ids))
+        return self.token_masks.masks(rows)
+
+    def _feed_constraints(self, plan: StepPlan) -> set[int]:
+        """Give each grammar its row's new tokens; finish the completions whose grammar ended
+        (or rejected a token). Returns their seq ids."""
+        finished = set()
+        for item in plan.scheduled:
+            live = self._live.get(item.seq.seq_id) if item.sample else None
+            if live is None or live[1].constraints is None or live[1].constraints.matcher is None:
+                continue
+            seq, constraints = item.seq, live[1].constraints
+            accepted = constraints.accept(seq.output_token_ids[item.sample_position :])
+            if not seq.is_finished and (constraints.is_stopped or not accepted):
+                self.scheduler.finish(seq, "stop" if accepted else "abort")
+                finished.add(seq.seq_id)
+        return finished
+
     def _advance_beams(self, request: BeamRequest) -> int:
         """The beam update of a group whose live beams all have candidates; tokens chosen."""
         group = request.group
@@ -242,7 +275,7 @@ class Driver:
             hits = [(i, s) for i, s in hits if i >= 0]
             if hits:
                 cut, stop = min(hits)
-                req.text = text[:cut]
+                req.text = text[: cut + len(stop) * params.include_stop_str_in_output]
                 self.scheduler.finish(seq, "stop", stop, num_output_tokens=index + 1)
                 return False
         req.text = text

@@ -85,6 +85,28 @@ class LLM:
             pass
         return [r.output() for r in requests]
 
+    def chat(
+        self,
+        messages: list[dict[str, str]] | Sequence[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """vLLM's ``LLM.chat``: one conversation (a list of ``{"role", "content"}`` messages)
+        or a list of them, each rendered with the model's chat template (generation prompt
+        added) and generated as ``generate`` does; one RequestOutput per conversation."""
+        if isinstance(messages, list | tuple) and messages and isinstance(messages[0], dict):
+            messages = [messages]
+        if not isinstance(messages, list | tuple) or not messages:
+            raise ValueError("messages must be a conversation or a non-empty list of them")
+        for i, conversation in enumerate(messages):
+            if (
+                not isinstance(conversation, list | tuple)
+                or not conversation
+                or not all(isinstance(m, dict) for m in conversation)
+            ):
+                raise ValueError(f"messages[{i}] must be a non-empty list of message dicts")
+        return self.generate([list(c) for c in messages], sampling_params, use_tqdm)
+
     def stream(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None
     ) -> Iterator[str]:
@@ -137,12 +159,17 @@ class LLM:
         self.kv_cache.reset_prefix_cache()
 
     def stats(self) -> dict[str, Any]:
-        """Counters, prefix-cache and sharing figures, compiles, warmup and model sizes."""
+        """Counters, prefix-cache and sharing figures, compiles, warmup, model sizes and the
+        host time of token masks."""
         return {
             **self.metrics.stats(),
             **runner_stats(self._driver.runner),
             "warmup_seconds": self.warmup_seconds,
             "load_seconds": self.load_seconds,
+            # host seconds making token masks (grammars, bad words, allowed ids), and the
+            # steps that made some: their ratio is the host's mask time per such step
+            "mask_seconds": self._driver.token_masks.seconds,
+            "mask_steps": self._driver.token_masks.num_steps,
         }
 
     def close(self) -> None:

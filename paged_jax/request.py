@@ -5,28 +5,43 @@ from __future__ import annotations
 from typing import Any
 
 from paged_jax.engine.beam import BeamGroup
-from paged_jax.engine.outputs import BeamSearchOutput, BeamSequence, CompletionOutput, RequestOutput
+from paged_jax.engine.outputs import (
+    BeamSearchOutput,
+    BeamSequence,
+    CompletionOutput,
+    Logprob,
+    RequestOutput,
+)
 from paged_jax.engine.plan import ScheduledSeq
 from paged_jax.engine.sampling_params import SamplingParams
 from paged_jax.engine.sequence import Sequence as Seq
 from paged_jax.io.detokenizer import IncrementalDetokenizer
 from paged_jax.io.tokenizer import Tokenizer
 from paged_jax.runtime.runner import StepOutput
+from paged_jax.structured import TokenConstraints
 
 Prompt = str | list[int] | list[dict[str, str]]
 
 
 class Completion:
-    """One completion's detokenizer, returned text and logprobs (a request has n of them)."""
+    """One completion's detokenizer, returned text, logprobs and token mask (a request has n
+    of them)."""
 
-    def __init__(self, seq: Seq, detok: IncrementalDetokenizer | None) -> None:
+    def __init__(
+        self,
+        seq: Seq,
+        detok: IncrementalDetokenizer | None,
+        constraints: TokenConstraints | None = None,
+    ) -> None:
         self.seq = seq
         self.detok = detok
+        self.constraints = constraints
         self.text = ""  # returned text: detokenized output, cut at a stop string
-        # {token id: logprob} per output token
-        self.logprobs: list[dict[int, float]] | None = None
+        # {token id: Logprob} per output token
+        self.logprobs: list[dict[int, Logprob]] | None = None
+        self.cumulative_logprob: float | None = None
         if seq.sampling_params.logprobs is not None:
-            self.logprobs = []
+            self.logprobs, self.cumulative_logprob = [], 0.0
 
     def output(self) -> CompletionOutput:
         seq = self.seq
@@ -37,6 +52,7 @@ class Completion:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             logprobs=self.logprobs,
+            cumulative_logprob=self.cumulative_logprob,
         )
 
 
@@ -46,8 +62,8 @@ class Request:
     def __init__(self, completions: list[Completion]) -> None:
         self.completions = completions
         first = completions[0].seq
-        # per prompt token (None for the first): {token id: logprob}
-        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        # per prompt token (None for the first): {token id: Logprob}
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
         if first.sampling_params.prompt_logprobs is not None:
             self.prompt_logprobs = [None] * first.num_prompt_tokens
 
@@ -76,17 +92,20 @@ class Request:
         values."""
         seq = completion.seq
         params = seq.sampling_params
+        tok = completion.detok.tokenizer if completion.detok is not None else None
         if self.prompt_logprobs is not None and out.prompt_logprobs is not None:
             p = out.prompt_logprobs
             last = min(item.kv_len, seq.num_prompt_tokens - 1)
             for pos in range(item.start_position, last):  # scores prompt token pos + 1
                 j = offset + pos - item.start_position
                 self.prompt_logprobs[pos + 1] = _entry(
-                    p, j, seq.token_ids[pos + 1], params.prompt_logprobs
+                    p, j, seq.token_ids[pos + 1], params.prompt_logprobs, tok
                 )
         if completion.logprobs is not None and item.sample and out.logprobs is not None:
             token_id = int(out.sampled[row])
-            completion.logprobs.append(_entry(out.logprobs, row, token_id, params.logprobs))
+            entry = _entry(out.logprobs, row, token_id, params.logprobs, tok)
+            completion.logprobs.append(entry)
+            completion.cumulative_logprob += entry[token_id].logprob
 
     def output(self) -> RequestOutput:
         seq = self.seq
@@ -136,13 +155,19 @@ class BeamRequest:
         return BeamSearchOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), sequences)
 
 
-def _entry(arrays: dict[str, Any], j: int, token_id: int, k: int) -> dict[int, float]:
-    """Top-k {token id: logprob} of row ``j`` plus ``token_id``'s own."""
-    entry = {
-        int(t): float(v)
-        for t, v in zip(arrays["top_ids"][j, :k], arrays["top"][j, :k], strict=True)
-    }
-    entry[token_id] = float(arrays["target"][j])
+def _entry(
+    arrays: dict[str, Any], j: int, token_id: int, k: int, tok: Tokenizer | None
+) -> dict[int, Logprob]:
+    """Top-k {token id: Logprob} of row ``j`` plus ``token_id``'s own (first, as vLLM)."""
+
+    def text(t: int) -> str | None:
+        return None if tok is None else tok.decode([t], skip_special_tokens=False)
+
+    entry = {token_id: Logprob(float(arrays["target"][j]), int(arrays["rank"][j]), text(token_id))}
+    top_ids, top = arrays["top_ids"][j, :k].tolist(), arrays["top"][j, :k].tolist()
+    for rank, (t, v) in enumerate(zip(top_ids, top, strict=True), start=1):
+        if t != token_id:
+            entry[t] = Logprob(v, rank, text(t))
     return entry
 
 

@@ -66,7 +66,7 @@ def dense_logprobs(llm, prompt, outputs):
         full = prompt + list(tokens)
         lps = out.prompt_logprobs
         assert lps[0] is None and len(lps) == len(full)
-        result.append([lps[j][full[j]] for j in range(len(prompt), len(full))])
+        result.append([lps[j][full[j]].logprob for j in range(len(prompt), len(full))])
     return result
 
 
@@ -81,7 +81,8 @@ def test_width_1_is_greedy(big):
         assert len(g.sequences) == 1
         assert g.sequences[0].token_ids == w.outputs[0].token_ids
         # The score is the mean log-prob (length_penalty 1) of the greedy tokens.
-        lps = [e[t] for e, t in zip(w.outputs[0].logprobs, w.outputs[0].token_ids, strict=True)]
+        c = w.outputs[0]
+        lps = [e[t].logprob for e, t in zip(c.logprobs, c.token_ids, strict=True)]
         assert abs(g.sequences[0].score - sum(lps) / 12) < 1e-4
     assert_idle(big)
 

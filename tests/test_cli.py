@@ -7,7 +7,9 @@ successful ``LLM(...)`` is kept and handed back to later calls with the same arg
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import jsonschema
 import pytest
 
 import paged_jax.llm as llm_module
@@ -356,3 +358,41 @@ def test_tokenizerless_model_line_needs_detokenize_false(tmp_path, capsys, share
     assert code == 0, captured.err
     results = [json.loads(x) for x in out.read_text().splitlines()]
     assert "token_ids" in results[0] and "detokenize" in results[1]["error"]
+
+
+def test_json_extraction_example(tmp_path, capsys, shared_engine):
+    """examples/extract.jsonl through the CLI: every record parses and fits its schema; a line
+    with an unsatisfiable schema is an error for that line only; logprobs, prompt_logprobs and
+    stop_reason are written when a line asks for them."""
+    example = Path(__file__).parent.parent / "examples" / "extract.jsonl"
+    records = [json.loads(x) for x in example.read_text().splitlines()]
+    bad = {
+        **records[0],
+        "id": "impossible",
+        "structured_outputs": {"json": {"type": "integer", "minimum": 2, "maximum": 1}},
+    }
+    scored = {
+        "id": "scored",
+        "prompt": "The capital of France is",
+        "temperature": 0,
+        "max_tokens": 4,
+        "logprobs": 2,
+        "prompt_logprobs": 1,
+        "stop": ["\n"],
+    }
+    lines = [(r, "text") for r in records] + [(bad, "unsatisfiable"), (scored, "text")]
+    code, results, summary, captured = _run(tmp_path, capsys, lines, "--quiet")
+    assert code == 0, captured.err
+    for record, r in zip(records, results, strict=False):
+        assert r["finish_reason"] == "stop", r
+        jsonschema.validate(json.loads(r["text"]), record["structured_outputs"]["json"])
+    assert results[0]["id"] == "ada" and json.loads(results[0]["text"])["name"] == "Ada Lovelace"
+    assert "unsatisfiable" in results[-2]["error"]
+    r = results[-1]
+    assert len(r["logprobs"]) == len(r["token_ids"]) and "stop_reason" in r
+    first = r["logprobs"][0][str(r["token_ids"][0])]
+    assert first["rank"] == 1 and first["decoded_token"] == " Paris"  # greedy: the top token
+    chosen = [e[str(t)]["logprob"] for e, t in zip(r["logprobs"], r["token_ids"], strict=True)]
+    assert abs(r["cumulative_logprob"] - sum(chosen)) < 1e-4
+    assert r["prompt_logprobs"][0] is None and len(r["prompt_logprobs"]) == 5
+    assert summary["errors"] == 1

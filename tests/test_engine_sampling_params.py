@@ -48,11 +48,42 @@ def test_defaults_are_valid():
         ({"skip_special_tokens": None}, "skip_special_tokens"),
         ({"cache_salt": ""}, "cache_salt"),
         ({"cache_salt": 5}, "cache_salt"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": "1"}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": math.inf}, "repetition_penalty"),
+        ({"logit_bias": [1, 2]}, "logit_bias"),
+        ({"logit_bias": {1: 101.0}}, "logit_bias"),
+        ({"logit_bias": {"x": 1.0}}, "logit_bias"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [1, -2]}, "allowed_token_ids"),
+        ({"bad_words": ["ok", " "]}, "bad_words"),
+        ({"include_stop_str_in_output": 1}, "include_stop_str_in_output"),
+        ({"spaces_between_special_tokens": None}, "spaces_between_special_tokens"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+        ({"structured_outputs": {"colour": "a"}}, "structured_outputs"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
     ],
 )
 def test_bad_field_raises_naming_it(kwargs, field):
     with pytest.raises(ValueError, match=rf"\b{field}="):
         SamplingParams(**kwargs)
+
+
+def test_logprobs_minus_one_is_refused_clearly():
+    with pytest.raises(ValueError, match="whole vocabulary"):
+        SamplingParams(logprobs=-1)
+
+
+def test_controls_are_normalised():
+    p = SamplingParams(
+        logit_bias={"12": 1, 3: -100}, structured_outputs={"json": '{"type": "object"}'}
+    )
+    assert p.logit_bias == {12: 1.0, 3: -100.0}
+    assert p.structured_outputs.json == {"type": "object"} and p.needs_mask_per_step
+    assert p.uses_controls and not SamplingParams().uses_controls
+    assert SamplingParams(repetition_penalty=1.1).uses_controls
+    assert not SamplingParams(allowed_token_ids=[1]).needs_mask_per_step  # static: bursts ok
 
 
 def test_edges_are_accepted():

@@ -227,7 +227,7 @@ def test_logprobs_match_dense_forward(engine, fixture):
         entry = out.prompt_logprobs[i]
         assert prompt[i] in entry and len(entry) <= 4
         for token_id, lp in entry.items():
-            assert abs(lp - ref[i - 1, token_id]) < 1e-3
+            assert abs(lp.logprob - ref[i - 1, token_id]) < 1e-3
         top3 = set(np.argsort(-ref[i - 1])[:3].tolist())
         assert top3 <= set(entry)
     lps = out.outputs[0].logprobs
@@ -235,5 +235,5 @@ def test_logprobs_match_dense_forward(engine, fixture):
     for j, (token_id, entry) in enumerate(zip(out.outputs[0].token_ids, lps, strict=True)):
         pos = len(prompt) - 1 + j
         assert token_id == int(np.argmax(ref[pos]))  # greedy
-        assert abs(entry[token_id] - ref[pos, token_id]) < 1e-3 and len(entry) == 5
+        assert abs(entry[token_id].logprob - ref[pos, token_id]) < 1e-3 and len(entry) == 5
     assert outs[0].prompt_logprobs is not None and outs[0].outputs[0].token_ids == expected[0][:4]

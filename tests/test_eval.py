@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from paged_jax.engine.outputs import Logprob
 from paged_jax.eval import scoring
 from paged_jax.eval.config import GenerationTask, MultipleChoiceTask, PerplexityTask, from_dict
 from paged_jax.eval.loaders import load_gin, load_yaml
@@ -90,7 +91,9 @@ class FakeLLM:
     def generate(self, prompts, params, use_tqdm=False):
         outs = []
         for ids in prompts:
-            entries = [None] + [{t: self.logprob(p, t)} for p, t in zip(ids, ids[1:], strict=False)]
+            entries = [None] + [
+                {t: Logprob(self.logprob(p, t))} for p, t in zip(ids, ids[1:], strict=False)
+            ]
             outs.append(SimpleNamespace(prompt_logprobs=entries))
         return outs
 

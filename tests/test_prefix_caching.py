@@ -74,12 +74,12 @@ def assert_same(outputs, reference):
         for a, b in zip(got.outputs[0].logprobs or (), want.outputs[0].logprobs or (),
                         strict=True):  # fmt: skip
             assert a.keys() == b.keys()
-            assert all(abs(a[t] - b[t]) < 1e-5 for t in a)
+            assert all(abs(a[t].logprob - b[t].logprob) < 1e-5 for t in a)
         if want.prompt_logprobs is not None:
             assert got.prompt_logprobs[0] is None is want.prompt_logprobs[0]
             for a, b in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:], strict=True):
                 assert a.keys() == b.keys()
-                assert all(abs(a[t] - b[t]) < 1e-5 for t in a), (a, b)
+                assert all(abs(a[t].logprob - b[t].logprob) < 1e-5 for t in a), (a, b)
 
 
 def assert_idle(llm):

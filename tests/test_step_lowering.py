@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from paged_jax.engine.plan import StepPlan
 from paged_jax.model.presets import PRESETS, init_random_params
 from paged_jax.runtime.buckets import Buckets
+from paged_jax.runtime.controls import STEP_INPUTS, make_process, pack_controls
 from paged_jax.runtime.runner import ModelRunner
 from paged_jax.runtime.select import SELECT_INPUTS, SelectMode, make_select
 from paged_jax.runtime.step import make_step
@@ -51,5 +53,16 @@ def test_selectors_have_no_control_flow(runner):
     greedy = jax.ShapeDtypeStruct((8,), jnp.int32)
     for mode in (SelectMode(True, True, True), SelectMode(True, False, False)):
         select = make_select(mode, eos_token_ids=(1,), vocab_size=runner.cfg.vocab_size)
-        text = _cuda_text(select, logits, greedy, {k: spec[k] for k in SELECT_INPUTS})
+        text = _cuda_text(select, logits, logits, greedy, {k: spec[k] for k in SELECT_INPUTS})
         assert not [op for op in CONTROL_FLOW if op in text]
+
+
+def test_controls_have_no_control_flow(runner):
+    spec = runner._inputs_spec(8, 8)
+    logits = jax.ShapeDtypeStruct((8, runner.cfg.vocab_size), jnp.float32)
+    controls = pack_controls(StepPlan(scheduled=()), {}, 8, runner.cfg.vocab_size)
+    process = make_process((1,), runner.cfg.vocab_size)
+    chosen = {k: spec[k] for k in STEP_INPUTS}
+    text = _cuda_text(process, logits, runner.kv.token_pages, chosen, controls)
+    assert "scatter" in text  # the token counts are in there
+    assert not [op for op in CONTROL_FLOW if op in text]

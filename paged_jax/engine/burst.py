@@ -1,8 +1,9 @@
 """Decode bursts on the host side: when a plan may run several decode steps in one round trip.
 
 A plan of one-token decodes only (nothing admitted, no prefill chunk, no preemption, no logprobs
-asked for) becomes a burst of up to ``decode_steps`` steps. Each sequence is capped by its own
-max_tokens and max_model_len (so a length stop can only fall on its last token), and the pages
+asked for, no grammar or bad words: their token masks are made on the host per token) becomes a
+burst of up to ``decode_steps`` steps. Each sequence is capped by its own max_tokens and
+max_model_len (so a length stop can only fall on its last token), and the pages
 for all its burst tokens are allocated up front; when free pages cannot cover the burst, it is
 halved, down to an ordinary step. The device side is ``runtime.burst``.
 """
@@ -27,6 +28,8 @@ def plan_burst(
         if item.num_new_tokens != 1 or not item.sample:
             return plan
         if params.logprobs is not None or params.prompt_logprobs is not None:
+            return plan
+        if params.needs_mask_per_step:  # the host makes its token mask after every token
             return plan
     caps = [
         min(

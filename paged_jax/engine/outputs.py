@@ -30,6 +30,18 @@ class RequestMetrics:
 
 
 @dataclasses.dataclass
+class Logprob:
+    """vLLM's per-token log-probability entry: the value, the token's rank in the distribution
+    (1 = most likely; how many tokens are at least as likely) and its text (None without a
+    tokenizer). Log-probabilities are of the raw model distribution (vLLM's default
+    ``raw_logprobs``: before penalties, masks and temperature)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclasses.dataclass
 class CompletionOutput:
     """One generated continuation. stop_reason: the stop token id or stop string that ended it
     (None when it ended on EOS, on length, or has not ended)."""
@@ -39,7 +51,8 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
-    logprobs: list[dict[int, float]] | None = None  # per token: top-k plus the sampled one
+    logprobs: list[dict[int, Logprob]] | None = None  # per token: top-k plus the sampled one
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' (with logprobs set)
 
     @property
     def finished(self) -> bool:
@@ -54,9 +67,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
-    # per prompt token: None for the first, then {token id: logprob} of the top-k plus the
+    # per prompt token: None for the first, then {token id: Logprob} of the top-k plus the
     # actual token (only when SamplingParams.prompt_logprobs is set)
-    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclasses.dataclass

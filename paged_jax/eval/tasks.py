@@ -11,6 +11,7 @@ import dataclasses
 import logging
 from typing import Any
 
+from paged_jax.engine.outputs import Logprob
 from paged_jax.engine.sampling_params import SamplingParams
 from paged_jax.eval import scoring
 from paged_jax.eval.config import (
@@ -49,11 +50,11 @@ def read_jsonl(path: str, required: dict[str, type | tuple[type, ...]]) -> list[
     return records
 
 
-def _prompt_logprob(entries: list[dict[int, float] | None], pos: int, token_id: int) -> float:
+def _prompt_logprob(entries: list[dict[int, Logprob] | None], pos: int, token_id: int) -> float:
     entry = entries[pos]
     if entry is None:
         raise ValueError(f"prompt position {pos} has no logprob (the first is never scored)")
-    return entry[token_id]
+    return entry[token_id].logprob
 
 
 def run_perplexity(llm: Any, task: PerplexityTask, progress: bool) -> TaskResult:
@@ -137,8 +138,9 @@ def run_multiple_choice(llm: Any, task: MultipleChoiceTask, progress: bool) -> T
         entries = out.prompt_logprobs
         logprob, greedy = 0.0, True
         for pos in range(ctx_len, len(ids)):
-            logprob += _prompt_logprob(entries, pos, ids[pos])
-            greedy &= entries[pos][ids[pos]] >= max(entries[pos].values())
+            token_logprob = _prompt_logprob(entries, pos, ids[pos])
+            logprob += token_logprob
+            greedy &= token_logprob >= max(e.logprob for e in entries[pos].values())
         num_chars = len(task.choice_prefix + records[r]["choices"][c])
         scores[r].append(scoring.ChoiceScore(logprob, len(ids) - ctx_len, num_chars, greedy))
     acc, acc_norm, samples = [], [], []

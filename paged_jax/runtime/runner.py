@@ -36,6 +36,7 @@ from paged_jax.model.llama import Params
 from paged_jax.runtime import tp
 from paged_jax.runtime.buckets import Buckets
 from paged_jax.runtime.burst import advance
+from paged_jax.runtime.controls import STEP_INPUTS, make_process, pack_controls
 from paged_jax.runtime.pack import StepInputs, pack
 from paged_jax.runtime.select import GREEDY, SELECT_INPUTS, SelectMode, make_select, select_mode
 from paged_jax.runtime.state import KVState, copy_pages
@@ -70,8 +71,9 @@ def _thread_compiles() -> int:
 
 class ExecutableKey(NamedTuple):
     """One compiled executable: a step variant ("plain" | "prompt") or "advance" (a burst's
-    next inputs) of a (num_tokens, num_seqs) bucket, a selector (num_tokens 0), or "copy"
-    (copy-on-write of up to num_seqs pages; num_tokens 0)."""
+    next inputs) of a (num_tokens, num_seqs) bucket, a selector (num_tokens 0), "controls"
+    (``runtime.controls``; num_tokens 0) or "copy" (copy-on-write of up to num_seqs pages;
+    num_tokens 0)."""
 
     num_tokens: int
     num_seqs: int
@@ -131,6 +133,7 @@ class ModelRunner:
         self.decode_variant = self.attn_impl == "gpu"
         self._advance = jax.jit(functools.partial(advance, page_size=page_size))
         self._copy = jax.jit(copy_pages, donate_argnums=(0,))
+        self._process = jax.jit(make_process(eos_token_ids, cfg.vocab_size))
         self._select = functools.partial(make_select, eos_token_ids=eos_token_ids,
                                          vocab_size=cfg.vocab_size)  # fmt: skip
         self._executables: dict[ExecutableKey, Any] = {}
@@ -174,7 +177,13 @@ class ModelRunner:
         if isinstance(kind, SelectMode):
             logits = self._struct((num_seqs, self.cfg.vocab_size), jnp.float32)
             chosen = {k: inputs[k] for k in SELECT_INPUTS}
-            return jax.jit(self._select(kind)), (logits, row, chosen)
+            return jax.jit(self._select(kind)), (logits, logits, row, chosen)
+        if kind == "controls":
+            logits = self._struct((num_seqs, self.cfg.vocab_size), jnp.float32)
+            controls = pack_controls(StepPlan(scheduled=()), {}, num_seqs, self.cfg.vocab_size)
+            controls = {k: self._struct(v.shape, v.dtype) for k, v in controls.items()}
+            chosen = {k: inputs[k] for k in STEP_INPUTS}
+            return self._process, (logits, self.kv.token_pages, chosen, controls)
         if kind == "copy":
             return self._copy, (self.kv, row, row)
         if kind == "advance":
@@ -227,18 +236,20 @@ class ModelRunner:
             modes += [m._replace(logprobs=True) for m in modes[:2]]
         seq_buckets = sorted({s for _, s in reachable})
         keys += [ExecutableKey(0, s, m) for s in seq_buckets for m in modes]
+        keys += [ExecutableKey(0, s, "controls") for s in seq_buckets]
         keys += [ExecutableKey(0, s, "copy") for s in self.buckets.seq_buckets]
         if decode_bursts:
             keys += [ExecutableKey(*b, "advance") for b in self.buckets.decode_buckets()]
         return keys
 
-    def run(self, plan: StepPlan) -> StepOutput:
+    def run(self, plan: StepPlan, token_masks: dict[int, np.ndarray] | None = None) -> StepOutput:
         """Execute one step (or a decode burst): sampled ids for the plan's rows (meaningful
         where it samples; i32[n, burst_len] for a burst), and the logprob arrays when some
-        request asked for them."""
+        request asked for them. ``token_masks``: row -> its packed allowed-token mask i32[W]
+        (``runtime.controls``; constant over a burst)."""
         compiles_before = _thread_compiles()
         try:
-            return self._run(plan)
+            return self._run(plan, token_masks or {})
         finally:
             if self.warmed_up:
                 self.num_compiles_after_warmup += _thread_compiles() - compiles_before
@@ -253,7 +264,7 @@ class ModelRunner:
         copy = self._executable(ExecutableKey(0, num_copies, "copy"))
         self.kv = copy(self.kv, *jax.device_put((pairs[0], pairs[1]), self._replicated))
 
-    def _run(self, plan: StepPlan) -> StepOutput:
+    def _run(self, plan: StepPlan, token_masks: dict[int, np.ndarray]) -> StepOutput:
         start = time.perf_counter()
         if plan.page_copies:  # before the step writes K/V into the copies
             self._copy_pages(plan.page_copies)
@@ -273,6 +284,11 @@ class ModelRunner:
             max_pages_per_seq=self.max_pages_per_seq,
         )
         inputs = jax.device_put(_as_dict(inputs), self._replicated)
+        controls = None
+        if token_masks or any(i.sample and i.params.uses_controls for i in plan.scheduled):
+            process = self._executable(ExecutableKey(0, bucket[1], "controls"))
+            controls = pack_controls(plan, token_masks, bucket[1], self.cfg.vocab_size)
+            controls = jax.device_put(controls, self._replicated)
         if plan.num_steps:
             advance_fn = self._executable(ExecutableKey(*bucket, "advance"))
             burst = self._burst_state(plan, bucket)
@@ -280,9 +296,15 @@ class ModelRunner:
         sampled, logprobs, prompt = [], None, None
         for j in range(plan.burst_len):
             self.kv, out = step(self.params, self.kv, inputs)
-            chosen = {"sampled": out["greedy"]}
+            logits, greedy = out["logits"], out["greedy"]
+            if controls is not None:
+                chosen = {k: inputs[k] for k in STEP_INPUTS}
+                logits, greedy = process(logits, self.kv.token_pages, chosen, controls)
+            chosen = {"sampled": greedy}
             if select is not None:
-                chosen = select(out["logits"], out["greedy"], {k: inputs[k] for k in SELECT_INPUTS})
+                chosen = select(
+                    logits, out["logits"], greedy, {k: inputs[k] for k in SELECT_INPUTS}
+                )
             sampled.append(chosen["sampled"])
             logprobs, prompt = chosen.get("logprobs"), out.get("prompt")
             if j + 1 < plan.burst_len:
@@ -326,12 +348,13 @@ class ModelRunner:
         self.kv = KVState(
             k_pages=tuple(fill(a) for a in self.kv.k_pages),
             v_pages=tuple(fill(a) for a in self.kv.v_pages),
+            token_pages=self.kv.token_pages,
         )
         self.warmed_up = warmed_up
 
     def close(self) -> None:
         """Free the KV pages and the compiled executables now (the params stay the caller's)."""
-        for page in (*self.kv.k_pages, *self.kv.v_pages):
+        for page in (*self.kv.k_pages, *self.kv.v_pages, self.kv.token_pages):
             page.delete()
         self._executables.clear()
 

@@ -63,25 +63,29 @@ def mask_eos(logits: jax.Array, suppress_eos: jax.Array, eos_ids: jax.Array) -> 
 
 
 def top_logprobs(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
-    """Log-probabilities of ``targets`` and the MAX_LOGPROBS most likely tokens per row.
+    """Log-probabilities of ``targets`` and the MAX_LOGPROBS most likely tokens per row, and
+    the target's rank (vLLM's: how many tokens are at least as likely; the top one is 1).
 
-    logits f32[N, V]; targets i32[N] -> target f32[N], top_ids i32[N, K], top f32[N, K]
+    logits f32[N, V]; targets i32[N] -> target f32[N], rank i32[N], top_ids i32[N, K],
+    top f32[N, K]
     """
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     top, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
     target = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
-    return {"target": target, "top_ids": top_ids.astype(jnp.int32), "top": top}
+    rank = jnp.sum(logprobs >= target[:, None], axis=-1).astype(jnp.int32)
+    return {"target": target, "rank": rank, "top_ids": top_ids.astype(jnp.int32), "top": top}
 
 
 def make_select(mode: SelectMode, eos_token_ids: tuple[int, ...], vocab_size: int) -> Callable:
-    """``select(logits, greedy, inputs) -> {"sampled", ["logprobs"]}`` for one mode.
+    """``select(logits, raw, greedy, inputs) -> {"sampled", ["logprobs"]}`` for one mode.
 
-    logits f32[S, V] (raw model logits); greedy i32[S] (the step's argmax); inputs: the
-    SELECT_INPUTS arrays of the step.
+    logits f32[S, V] (after ``runtime.controls`` when a row set some, else raw); raw f32[S, V]
+    (the model's, which logprobs report, as vLLM's default "raw_logprobs"); greedy i32[S] (the
+    argmax of ``logits``); inputs: the SELECT_INPUTS arrays of the step.
     """
     eos_ids = jnp.asarray([t for t in eos_token_ids if 0 <= t < vocab_size], jnp.int32)
 
-    def select(logits: jax.Array, greedy: jax.Array, inputs: dict[str, Any]):
+    def select(logits: jax.Array, raw: jax.Array, greedy: jax.Array, inputs: dict[str, Any]):
         sampled = greedy
         if mode.draw:
             sampled = sample(
@@ -96,7 +100,7 @@ def make_select(mode: SelectMode, eos_token_ids: tuple[int, ...], vocab_size: in
             )
         out = {"sampled": sampled}
         if mode.logprobs:  # under the raw model distribution
-            out["logprobs"] = top_logprobs(logits, sampled)
+            out["logprobs"] = top_logprobs(raw, sampled)
         return out
 
     return select

@@ -6,6 +6,11 @@ hand a layer's pages straight to the attention kernel and scatter new K/V into t
 (the state is donated), with no slicing of a stacked array. Page 0 is NULL_PAGE: padding
 tokens write there and nothing live is ever read from it.
 
+``token_pages`` i32[num_pages, page_size] holds the token id of every slot, written by the step
+through the same slot mapping as K/V: the penalties of ``runtime.controls`` count a row's
+prompt and output tokens from it through the row's page table, so they need no per-step
+upload of token histories, stay right inside decode bursts and come with shared pages.
+
 Page tables are not part of the state: the host allocator is their source of truth and each
 step uploads the rows it needs (``StepInputs.page_tables``, i32[S, max_pages_per_seq]).
 """
@@ -29,6 +34,7 @@ logger = logging.getLogger(__name__)
 class KVState:
     k_pages: tuple[jax.Array, ...]  # L x [Hkv, num_pages, page_size, Dh]
     v_pages: tuple[jax.Array, ...]  # L x [Hkv, num_pages, page_size, Dh]
+    token_pages: jax.Array  # i32[num_pages, page_size]  the token id in each slot
 
     @classmethod
     def create(
@@ -44,13 +50,16 @@ class KVState:
         """Zeroed pages; tensor parallel passes the stored kv heads (``tp`` when kv heads are
         replicated) and their sharding (kv heads across the mesh)."""
         shape = (num_kv_heads or cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        replicated = None  # token ids: every device holds all of them
         if sharding is None:  # one device: today's path
             zeros = jax.jit(lambda: jnp.zeros(shape, dtype))  # one buffer per call
         else:
             zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+            replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
         return cls(
             k_pages=tuple(zeros() for _ in range(cfg.num_layers)),
             v_pages=tuple(zeros() for _ in range(cfg.num_layers)),
+            token_pages=jnp.zeros((num_pages, page_size), jnp.int32, device=replicated),
         )
 
     @property
@@ -69,7 +78,8 @@ def copy_pages(kv: KVState, src: jax.Array, dst: jax.Array) -> KVState:
     def copy(pages: jax.Array) -> jax.Array:  # [Hkv, P, page_size, Dh]
         return pages.at[:, dst].set(pages[:, src])
 
-    return KVState(tuple(map(copy, kv.k_pages)), tuple(map(copy, kv.v_pages)))
+    tokens = kv.token_pages.at[dst].set(kv.token_pages[src])  # i32[P, page_size]
+    return KVState(tuple(map(copy, kv.k_pages)), tuple(map(copy, kv.v_pages)), tokens)
 
 
 def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: jnp.dtype) -> int:

@@ -89,6 +89,8 @@ def make_step(
         if variant == "prompt":
             all_logits = compute_logits(params, cfg, hidden)  # f32[T, V]
             outputs["prompt"] = top_logprobs(all_logits, inputs["target_ids"])
-        return KVState(k_pages=k_pages, v_pages=v_pages), outputs
+        tokens = kv.token_pages.reshape(-1).at[inputs["slot_mapping"]].set(inputs["token_ids"])
+        token_pages = tokens.reshape(kv.token_pages.shape)  # i32[P, page_size]
+        return KVState(k_pages=k_pages, v_pages=v_pages, token_pages=token_pages), outputs
 
     return step

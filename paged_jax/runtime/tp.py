@@ -196,7 +196,7 @@ def make_tp_step(cfg: ModelConfig, mesh: Mesh, params: Params, **step_options: A
         **step_options,
     )
     pages = (P(AXIS),) * cfg.num_layers
-    kv_specs = KVState(k_pages=pages, v_pages=pages)
+    kv_specs = KVState(k_pages=pages, v_pages=pages, token_pages=P())  # token ids replicated
     # check_vma off: the kernels' loop carries start device-invariant (zeros) and become
     # per-shard; the outputs are replicated by construction (computed after the psums).
     return jax.shard_map(
