@@ -201,7 +201,7 @@ def test_multiple_choice_matches_dense_forward(llm):
 
     import paged_jax.build as llm_module
     from paged_jax.eval.tasks import read_jsonl
-    from paged_jax.model.llama import dense_logits
+    from paged_jax.model.dense import dense_logits
 
     task = MultipleChoiceTask(path="bundled:mc_general.jsonl", limit=6)
     result = run_task(llm, task, progress=False)
