@@ -120,10 +120,15 @@ def test_generation_prompt_fewshot_leaves_the_question_out():
 # ------------------------------------------------------------------ configs
 
 
-def test_shipped_yaml_and_gin_are_the_same_config():
-    yaml_cfg = load_yaml(CONFIGS / "smollm2-135m.yaml")
-    assert yaml_cfg == load_gin([CONFIGS / "smollm2-135m.gin"])
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_shipped_yaml_and_gin_pairs_are_the_same_config(name):
+    yaml_cfg = load_yaml(CONFIGS / f"{name}.yaml")
+    assert yaml_cfg == load_gin([CONFIGS / f"{name}.gin"])
     assert from_dict(yaml_cfg.to_dict()) == yaml_cfg  # the JSON echo reads back
+    assert yaml_cfg.model == name
+
+
+def test_shipped_yaml_and_gin_overrides_agree():
     changed = load_yaml(CONFIGS / "smollm2-135m.yaml", ["tasks.mc_general.limit=3"])
     gin_changed = load_gin(
         [CONFIGS / "smollm2-135m.gin"], ["mc_general/MultipleChoiceTask.limit = 3"]
