@@ -8,8 +8,7 @@
   the last) ``sub_logits_<i>`` float32[P, len(cols)] over the fixed vocabulary columns ``cols``
   (top-1 ids of those rows included) and ``top_ids_<i>`` / ``top_vals_<i>`` [P, 20];
   ``greedy_<i>`` the greedy continuation (``GEMMA_NEW_TOKENS``). The json holds the texts, HF's
-  encodings (tokenizer check), the perplexity of ``PPL_TOKENS`` tokens of the eval text and
-  versions.
+  encodings (tokenizer check), the perplexity of the long prompt and versions.
 * ``tests/data/tiny-mistral/`` + ``logits_tiny-mistral.npz``: a tiny random MistralForCausalLM
   with ``sliding_window`` = 8 (every layer), prompts longer than the window; the same arrays as
   the other tiny checkpoints.
@@ -25,8 +24,7 @@ import numpy as np
 import torch
 
 GEMMA_NEW_TOKENS = 12
-LONG_TOKENS = 600  # > the 512 window
-PPL_TOKENS = 640
+LONG_TOKENS = 600  # > the 512 window; also the perplexity text (one engine pass serves both)
 NUM_COLS = 2048
 GEMMA_TEXT_PROMPTS = [
     "The capital of France is",
@@ -56,7 +54,7 @@ def make_gemma3(gguf_path: Path, data: Path, helpers) -> None:
         raise RuntimeError(f"expected Gemma3ForCausalLM, got {type(model).__name__}")
     text = (helpers.ROOT / helpers.PPL_TEXT).read_text(encoding="utf-8")
     text_ids = tok(text)["input_ids"]
-    if len(text_ids) < max(LONG_TOKENS, PPL_TOKENS):
+    if len(text_ids) < LONG_TOKENS:
         raise RuntimeError(f"eval text has only {len(text_ids)} tokens")
     prompts = [tok(t)["input_ids"] for t in GEMMA_TEXT_PROMPTS] + [text_ids[:LONG_TOKENS]]
     cols = np.random.default_rng(0).choice(model.config.vocab_size, NUM_COLS, replace=False)
@@ -89,8 +87,8 @@ def make_gemma3(gguf_path: Path, data: Path, helpers) -> None:
         arrays[f"sub_logits_{i}"] = arrays.pop(f"_full_{i}")[:, cols].astype(np.float32)
     np.savez_compressed(data / "logits_gemma3-270m.npz", **arrays)
 
-    # Perplexity of the first PPL_TOKENS tokens (BOS first; BOS itself is not scored)
-    ppl_ids = text_ids[:PPL_TOKENS]
+    # Perplexity of the long prompt (BOS first; BOS itself is not scored)
+    ppl_ids = text_ids[:LONG_TOKENS]
     out = model(torch.tensor([ppl_ids]), labels=torch.tensor([ppl_ids]))
     nll = float(out.loss) * (len(ppl_ids) - 1)
     helpers.write_json(

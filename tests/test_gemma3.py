@@ -5,15 +5,15 @@ References: ``tests/data/logits_gemma3-270m.npz`` and ``gemma3_270m.json`` from
 than the 512-token window of the local layers). Checked: the GGUF tokenizer's ids, logits (max
 |delta| over a fixed vocabulary sample plus HF's top-20 at every 64th position), greedy
 continuations through the dense path and through the paged engine (page sizes 8/16/32, 64-token
-chunked prefill, a pool that preempts), and perplexity via prompt logprobs.
+chunked prefill, a pool that preempts), and the long prompt's perplexity via prompt logprobs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +26,6 @@ from paged_jax.model.layers import causal_attention
 
 MAX_ABS_LOGIT_DIFF_F32 = 1e-3
 MAX_PPL_REL_DIFF = 1e-3  # 0.1%
-ROOT = Path(build.__file__).resolve().parents[1]  # the fixture names the text from here
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +93,7 @@ def test_dense_logits_and_greedy_match_hf(loaded, ref):
 ENGINES = {
     # page size 8 and 32, 64-token chunks: the 600-token prompt crosses the window mid-chunk
     "ps8": dict(page_size=8, num_pages=128),
-    "ps32": dict(page_size=32, num_pages=32),
+    "ps32": dict(page_size=32, num_pages=32),  # + prompt logprobs: perplexity
     # page size 16 with 41 usable pages for ~43 needed: the long prompt preempts the others
     "ps16-preempt": dict(page_size=16, num_pages=42),
 }
@@ -104,33 +103,32 @@ ENGINES = {
 def test_engine_greedy_matches_hf(loaded, ref, name):
     npz, meta = ref
     llm = LLM(
-        "gemma3-270m", dtype="float32", max_model_len=656, max_num_seqs=4,
+        "gemma3-270m", dtype="float32", max_model_len=640, max_num_seqs=4,
         max_num_batched_tokens=64, warmup=False, **ENGINES[name],
     )  # fmt: skip
     n = _num_prompts(npz)
     prompts = [npz[f"prompt_{i}"].tolist() for i in range(n)]
     params = SamplingParams(temperature=0.0, max_tokens=meta["new_tokens"], ignore_eos=True)
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    # ps32 also scores the long prompt (the perplexity fixture text) in the same pass
+    scored = dataclasses.replace(params, prompt_logprobs=1) if name == "ps32" else params
+    outputs = llm.generate(prompts, [params] * (n - 1) + [scored], use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [
         npz[f"greedy_{i}"].tolist() for i in range(n)
     ]
-    assert outputs[0].outputs[0].text == meta["prompts"][0]["greedy_text"]
+    if name == "ps32":
+        _check_perplexity(outputs[-1], meta)
     if name.endswith("preempt"):
         assert llm.stats()["preemptions"] > 0
         # text in, text out, <bos> added as the model expects
         out = llm.generate("The capital of France is", params, use_tqdm=False)[0]
         assert out.prompt_token_ids[0] == loaded.tokenizer.bos_token_id == 2
         assert out.outputs[0].text == meta["prompts"][0]["greedy_text"]
-    if name == "ps32":
-        _check_perplexity(llm, meta)
 
 
-def _check_perplexity(llm: LLM, meta: dict) -> None:
-    """Perplexity of the fixture text's first 640 tokens from the engine's prompt logprobs."""
-    text = (ROOT / meta["ppl"]["text"]).read_text(encoding="utf-8")
-    ids = llm.tokenizer.encode(text)[: meta["ppl"]["num_tokens"]]
-    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
-    out = llm.generate([ids], params, use_tqdm=False)[0]
+def _check_perplexity(out, meta: dict) -> None:
+    """Perplexity of the long prompt (the eval text's first tokens) from prompt logprobs."""
+    ids = out.prompt_token_ids
+    assert len(ids) == meta["ppl"]["num_tokens"]
     nll = -sum(out.prompt_logprobs[i][ids[i]] for i in range(1, len(ids)))
     ppl = math.exp(nll / (len(ids) - 1))
     assert abs(ppl / meta["ppl"]["perplexity"] - 1) <= MAX_PPL_REL_DIFF, ppl
