@@ -173,3 +173,32 @@ def test_tiny_gemma3_paged_equals_dense(tiny_gemma3, opts, monkeypatch):
     assert [o.outputs[0].token_ids for o in outputs] == expected
     if opts["num_pages"] == 12:
         assert llm.stats()["preemptions"] > 0
+
+
+def test_each_layers_spec_reaches_its_kernel_call(monkeypatch):
+    """Trace the paged step of the tiny Gemma 3 and record what each attention call got."""
+    import jax
+
+    import paged_jax.runtime.step as step_module
+    from paged_jax.runtime.buckets import Buckets
+    from paged_jax.runtime.runner import ModelRunner
+
+    cfg = PRESETS["tiny-gemma3"]
+    runner = ModelRunner(
+        cfg, init_random_params(cfg, jnp.float32), num_pages=16, page_size=16,
+        max_pages_per_seq=4, buckets=Buckets.create(32, 8), kv_dtype=jnp.float32,
+        attn_impl="reference",
+    )  # fmt: skip
+    calls = []
+    real = step_module.ragged_paged_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["sm_scale"], kwargs["sliding_window"], kwargs["soft_cap"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step_module, "ragged_paged_attention", spy)
+    step = step_module.make_step(cfg, attn_impl="reference")
+    jax.eval_shape(step, runner.params, runner.kv, runner._inputs_spec(32, 8))
+    want = [(s.sm_scale, s.sliding_window, s.soft_cap) for s in cfg.attention_specs()]
+    assert calls == want
+    assert want[0] == (0.25, 16, 50.0) and want[2] == (0.25, None, 50.0)  # local, global
