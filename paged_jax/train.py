@@ -36,7 +36,8 @@ import optax
 from flax.training import train_state
 
 from paged_jax.model.config import ModelConfig
-from paged_jax.model.llama import Params, dense_logits
+from paged_jax.model.dense import dense_logits
+from paged_jax.model.llama import Params
 
 CORPUS_FILE = "alice_in_wonderland.txt"
 HELDOUT_MARKER = "CHAPTER XII."  # the last chapter is held out; its first mention is the TOC

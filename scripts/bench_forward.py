@@ -18,7 +18,7 @@ import numpy as np
 
 from paged_jax.io.bundled import bundled_path
 from paged_jax.io.loader import load_model
-from paged_jax.model.llama import dense_logits
+from paged_jax.model.dense import dense_logits
 
 
 def main() -> None:

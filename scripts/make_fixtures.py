@@ -24,6 +24,9 @@ It writes, deterministically (fixed seeds, CPU, float32, eager attention):
   penalties and ``early_stopping`` modes): per case the prompt ids and, best first, each
   hypothesis's generated ids and ``sequences_scores``. Only this one:
   ``python scripts/make_fixtures.py --only beams``.
+* Gemma 3 270M (bundled GGUF) logits, greedy, tokenizer and perplexity references, and the
+  tiny sliding-window Mistral checkpoint: ``--only gemma3`` / ``--only tiny-mistral``
+  (``scripts/fixtures_gemma3.py`` says what they hold).
 
 The bundled GGUF is found (and fetched on first use) via ``paged_jax.io.bundled``.
 """
@@ -191,23 +194,23 @@ def disable_eos(model) -> None:
 
 
 @torch.no_grad()
-def greedy(model, ids: list[int]) -> tuple[np.ndarray, float]:
-    """Greedy continuation of NEW_TOKENS tokens and the smallest top1-top2 logit gap seen."""
+def greedy(model, ids: list[int], new_tokens: int = NEW_TOKENS) -> tuple[np.ndarray, float]:
+    """Greedy continuation of ``new_tokens`` tokens and the smallest top1-top2 logit gap seen."""
     inp = torch.tensor([ids], dtype=torch.long)
     out = model.generate(
         inp,
         attention_mask=torch.ones_like(inp),
         do_sample=False,
-        max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
         eos_token_id=None,
         pad_token_id=0,
         return_dict_in_generate=True,
         output_logits=True,
     )
     new = out.sequences[0, len(ids) :].numpy().astype(np.int32)
-    if new.shape != (NEW_TOKENS,):
-        raise RuntimeError(f"expected {NEW_TOKENS} new tokens, got {new.shape}")
+    if new.shape != (new_tokens,):
+        raise RuntimeError(f"expected {new_tokens} new tokens, got {new.shape}")
     gaps = []
     for step, logits in enumerate(out.logits):
         top2 = torch.topk(logits[0].float(), 2)
@@ -713,8 +716,22 @@ def make_beams_smollm2(gguf_path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["ppl", "beams"], help="write only this fixture")
+    parser.add_argument(
+        "--only",
+        choices=["ppl", "beams", "gemma3", "tiny-mistral"],
+        help="write only this fixture",
+    )
     only = parser.parse_args().only
+    if only in ("gemma3", "tiny-mistral"):
+        import fixtures_gemma3  # scripts/ is on sys.path when run as a script
+
+        torch.manual_seed(0)
+        here = sys.modules[__name__]
+        if only == "gemma3":
+            fixtures_gemma3.make_gemma3(bundled_path("gemma3-270m"), DATA, here)
+        else:
+            write_json(DATA / "tiny-mistral.json", fixtures_gemma3.make_tiny_mistral(DATA, here))
+        return
     if only == "ppl":
         torch.manual_seed(0)
         make_ppl_smollm2(bundled_path("smollm2-135m"))

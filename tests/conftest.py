@@ -19,3 +19,10 @@ def smollm2_gguf() -> Path:
     from paged_jax.io.bundled import bundled_path
 
     return bundled_path("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    from paged_jax.io.bundled import bundled_path
+
+    return bundled_path("gemma3-270m")

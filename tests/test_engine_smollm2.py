@@ -209,7 +209,7 @@ def test_logprobs_match_dense_forward(engine, fixture):
     import jax.numpy as jnp
 
     from paged_jax.io.loader import load_model
-    from paged_jax.model.llama import dense_logits
+    from paged_jax.model.dense import dense_logits
 
     prompts, expected = fixture
     prompt = prompts[3] + prompts[3][1:]  # 73 tokens: chunked by the 64-token budget

@@ -123,10 +123,15 @@ def test_generation_prompt_fewshot_leaves_the_question_out():
 # ------------------------------------------------------------------ configs
 
 
-def test_shipped_yaml_and_gin_are_the_same_config():
-    yaml_cfg = load_yaml(CONFIGS / "smollm2-135m.yaml")
-    assert yaml_cfg == load_gin([CONFIGS / "smollm2-135m.gin"])
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_shipped_yaml_and_gin_pairs_are_the_same_config(name):
+    yaml_cfg = load_yaml(CONFIGS / f"{name}.yaml")
+    assert yaml_cfg == load_gin([CONFIGS / f"{name}.gin"])
     assert from_dict(yaml_cfg.to_dict()) == yaml_cfg  # the JSON echo reads back
+    assert yaml_cfg.model == name
+
+
+def test_shipped_yaml_and_gin_overrides_agree():
     changed = load_yaml(CONFIGS / "smollm2-135m.yaml", ["tasks.mc_general.limit=3"])
     gin_changed = load_gin(
         [CONFIGS / "smollm2-135m.gin"], ["mc_general/MultipleChoiceTask.limit = 3"]
@@ -204,7 +209,7 @@ def test_multiple_choice_matches_dense_forward(llm):
 
     import paged_jax.build as llm_module
     from paged_jax.eval.tasks import read_jsonl
-    from paged_jax.model.llama import dense_logits
+    from paged_jax.model.dense import dense_logits
 
     task = MultipleChoiceTask(path="bundled:mc_general.jsonl", limit=6)
     result = run_task(llm, task, progress=False)

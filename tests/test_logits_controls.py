@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from paged_jax import LLM, SamplingParams
-from paged_jax.model.llama import dense_logits
+from paged_jax.model.dense import dense_logits
 from paged_jax.runtime.controls import apply_controls
 from paged_jax.structured import packed_mask
 

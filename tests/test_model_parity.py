@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from paged_jax.io.weights import load_gguf, load_hf_dir
 from paged_jax.model.config import from_hf_config
-from paged_jax.model.llama import dense_logits, greedy_matches
+from paged_jax.model.dense import dense_logits, greedy_matches
 
 MAX_ABS_LOGIT_DIFF_F32 = 1e-3
 TINY = ["tiny-llama3", "tiny-qwen2", "tiny-qwen3"]

@@ -15,7 +15,7 @@ import pytest
 from paged_jax import train
 from paged_jax.io.tokenizer import SentencePieceBackend, load_tokenizer
 from paged_jax.io.weights import load_hf_dir
-from paged_jax.model.llama import dense_logits
+from paged_jax.model.dense import dense_logits
 
 SMALL = train.TrainConfig(
     steps=150, num_layers=2, hidden_size=64, num_heads=2, num_kv_heads=1, vocab_size=512,

@@ -26,7 +26,7 @@ import paged_jax.build as build  # noqa: E402
 from paged_jax import LLM, SamplingParams  # noqa: E402
 from paged_jax.io.loader import LoadedModel  # noqa: E402
 from paged_jax.io.weights import load_hf_dir  # noqa: E402
-from paged_jax.model.llama import dense_logits  # noqa: E402
+from paged_jax.model.dense import dense_logits  # noqa: E402
 from paged_jax.model.presets import PRESETS, init_random_params  # noqa: E402
 
 DATA = Path(__file__).parent / "data"

@@ -1,10 +1,10 @@
 """Checkpoint loading: HF safetensors directories and GGUF files into the model's param pytree.
 
-Both formats are first mapped onto HF tensor names (linear weights ``[out, in]``), then one
-function, ``build_params``, assembles the pytree documented in ``model/llama.py``. GGUF tensors
-are dequantized with the ``gguf`` package (every type it supports); llama.cpp stores the rows of
-``attn_q``/``attn_k`` of ``llama`` models permuted for interleaved RoPE, which we undo here so
-the model keeps a single (rotate-half) RoPE.
+Both formats are first mapped onto HF tensor names (linear weights ``[out, in]``), then the
+model family's ``build_params`` (``model/registry.py``) assembles its pytree. GGUF tensors are
+dequantized with the ``gguf`` package (every type it supports); the family names its ``blk.N.``
+tensors and undoes what llama.cpp's converter changed (Llama's q/k row permutation for
+interleaved RoPE, Gemma's ``1 + w`` norms).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 
 from paged_jax.model.config import ModelConfig, from_gguf_metadata, from_hf_config
 from paged_jax.model.llama import Params
+from paged_jax.model.registry import family_of
 
 logger = logging.getLogger(__name__)
 
@@ -45,60 +46,8 @@ def resolve_dtype(dtype: str | jnp.dtype | None) -> jnp.dtype:
 
 
 def build_params(cfg: ModelConfig, get: GetTensor, dtype: jnp.dtype) -> Params:
-    """Assemble the param pytree from HF-named tensors (linear weights ``[out, in]``)."""
-
-    def arr(name: str) -> jax.Array:
-        return jnp.asarray(get(name), dtype=dtype)
-
-    def linear(*names: str) -> jax.Array:
-        # HF [out, in] pieces -> [in, sum(out)]
-        return jnp.concatenate([arr(n) for n in names], axis=0).T
-
-    layers = []
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        attn = p + "self_attn."
-        layer = {
-            "attn_norm": arr(p + "input_layernorm.weight"),
-            "wqkv": linear(*(attn + f"{x}_proj.weight" for x in "qkv")),
-            "wo": linear(attn + "o_proj.weight"),
-            "mlp_norm": arr(p + "post_attention_layernorm.weight"),
-            "w_gate_up": linear(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-            "w_down": linear(p + "mlp.down_proj.weight"),
-        }
-        if cfg.qkv_bias:
-            layer["bqkv"] = jnp.concatenate([arr(attn + f"{x}_proj.bias") for x in "qkv"])
-        if cfg.o_bias:
-            layer["bo"] = arr(attn + "o_proj.bias")
-        if cfg.qk_norm:
-            layer["q_norm"] = arr(attn + "q_norm.weight")
-            layer["k_norm"] = arr(attn + "k_norm.weight")
-        layers.append(layer)
-    params = {
-        "embed": arr("model.embed_tokens.weight"),
-        "layers": layers,
-        "final_norm": arr("model.norm.weight"),
-    }
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = linear("lm_head.weight")
-    _check_shapes(cfg, params)
-    return params
-
-
-def _check_shapes(cfg: ModelConfig, params: Params) -> None:
-    qkv = cfg.q_size + 2 * cfg.kv_size
-    want = {
-        "embed": (cfg.vocab_size, cfg.hidden_size),
-        "wqkv": (cfg.hidden_size, qkv),
-        "wo": (cfg.q_size, cfg.hidden_size),
-        "w_gate_up": (cfg.hidden_size, 2 * cfg.intermediate_size),
-        "w_down": (cfg.intermediate_size, cfg.hidden_size),
-    }
-    layer0 = params["layers"][0]
-    got = {k: params["embed"].shape if k == "embed" else layer0[k].shape for k in want}
-    for name, shape in want.items():
-        if tuple(got[name]) != shape:
-            raise ValueError(f"weight {name} has shape {tuple(got[name])}, config implies {shape}")
+    """Assemble ``cfg``'s family's param pytree from HF-named tensors (``[out, in]`` linears)."""
+    return family_of(cfg).build_params(cfg, get, dtype)
 
 
 # ---------------------------------------------------------------- HF safetensors directories
@@ -157,23 +106,6 @@ def load_hf_dir(model_dir: str | os.PathLike, dtype: Any = None) -> tuple[ModelC
 
 # ---------------------------------------------------------------- GGUF files
 
-_GGUF_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
 _GGUF_TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -181,20 +113,14 @@ _GGUF_TOP_NAMES = {
 }
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, layer_names: dict[str, str]) -> str | None:
+    """HF name of a GGUF tensor; ``layer_names`` is the family's ``blk.N.`` suffix map."""
     if gguf_name in _GGUF_TOP_NAMES:
         return _GGUF_TOP_NAMES[gguf_name]
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}"
     return None
-
-
-def _unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's interleaved-RoPE row permutation of a q/k weight or bias (HF layout)."""
-    rows = w.shape[0]
-    half = rows // num_heads // 2
-    return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def read_gguf_metadata(reader: Any) -> dict[str, Any]:
@@ -234,9 +160,10 @@ def load_gguf(
         t = tensors["rope_freqs.weight"]
         factors = tuple(float(x) for x in dequantize(t.data, t.tensor_type).reshape(-1))
     cfg = from_gguf_metadata(meta, set(tensors), factors)
+    family = family_of(cfg)
     by_hf = {}
     for name in tensors:
-        hf = _hf_name(name)
+        hf = _hf_name(name, family.gguf_layer_names)
         if hf is not None:
             by_hf[hf] = tensors[name]
 
@@ -246,10 +173,7 @@ def load_gguf(
         t = by_hf[name]
         w = dequantize(t.data, t.tensor_type).astype(np.float32)
         w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
-        if cfg.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-            heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
-            w = _unpermute_rows(w, heads)
-        return w
+        return family.from_gguf_tensor(cfg, name, w)  # e.g. llama's q/k row order
 
     params = build_params(cfg, get, resolve_dtype(dtype))
     return cfg, params

@@ -1,8 +1,11 @@
-"""Model hyper-parameters: one frozen dataclass, parsed from HF ``config.json`` or GGUF metadata.
+"""Model hyper-parameters: one frozen dataclass for every family, its per-layer attention
+specs, and the Llama-family parsers of HF ``config.json`` / GGUF metadata.
 
-Supported: the Llama family — Llama 1/2/3 (incl. ``rope_scaling`` type llama3), Mistral without
-sliding window, Qwen2 (qkv bias) and Qwen3 (per-head q/k RMSNorm). Anything else is rejected
-with a ``ValueError`` naming the field, never silently approximated.
+``from_hf_config`` / ``from_gguf_metadata`` dispatch on ``model_type`` / ``general.architecture``
+through ``model/registry.py``. The Llama family parsed here: Llama 1/2/3 (incl. ``rope_scaling``
+type llama3 and linear), Mistral (with or without its all-layer sliding window), Qwen2 (qkv bias)
+and Qwen3 (per-head q/k RMSNorm). Anything else is rejected with a ``ValueError`` naming the
+field, never silently approximated.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+LLAMA_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+SLIDING, FULL = "sliding_attention", "full_attention"  # layer types, as HF names them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +26,25 @@ class Llama3RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearRopeScaling:
+    factor: float  # positions divided by factor (inv_freq / factor)
+
+
+RopeScaling = Llama3RopeScaling | LinearRopeScaling
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """What one layer's attention needs beyond q/k/v: it reaches the kernel call of that layer."""
+
+    sm_scale: float
+    sliding_window: int | None = None  # attend to kv positions > pos - window (None: all)
+    soft_cap: float | None = None  # scores -> cap * tanh(scores / cap)
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +59,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: Llama3RopeScaling | None = None
+    rope_scaling: RopeScaling | None = None  # of full-attention layers
     rope_freq_factors: tuple[float, ...] | None = None  # GGUF rope_freqs: inv_freq /= factor
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
@@ -45,6 +68,13 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    hidden_act: str = "silu"  # of the gated MLP: silu (SwiGLU) or gelu_tanh (GeGLU)
+    sliding_window: int | None = None  # window of the layers whose type is SLIDING
+    layer_types: tuple[str, ...] | None = None  # None: all SLIDING if sliding_window, else FULL
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (None: rope_theta)
+    query_pre_attn_scalar: float | None = None  # sm_scale = this ** -0.5 (None: head_dim)
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers"):
@@ -57,6 +87,42 @@ class ModelConfig:
             )
         if self.head_dim <= 0 or self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be a positive even number")
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"hidden_act={self.hidden_act!r} must be 'silu' or 'gelu_tanh'")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be None or >= 1")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - {SLIDING, FULL}:
+                raise ValueError(
+                    f"layer_types={self.layer_types} must list {self.num_layers} entries, "
+                    f"each {SLIDING!r} or {FULL!r}"
+                )
+            if SLIDING in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding layers but sliding_window is None")
+
+    def layer_type(self, layer: int) -> str:
+        if self.layer_types is not None:
+            return self.layer_types[layer]
+        return FULL if self.sliding_window is None else SLIDING
+
+    def attention_specs(self) -> tuple[AttentionSpec, ...]:
+        """One spec per layer (window, scale, soft cap, RoPE base/scaling)."""
+        scalar = self.query_pre_attn_scalar or self.head_dim
+        specs = []
+        for layer in range(self.num_layers):
+            sliding = self.layer_type(layer) == SLIDING
+            # Gemma 3: sliding layers have their own base and no scaling (HF and llama.cpp alike)
+            local = sliding and self.rope_local_theta is not None
+            specs.append(
+                AttentionSpec(
+                    sm_scale=float(scalar) ** -0.5,
+                    sliding_window=self.sliding_window if sliding else None,
+                    soft_cap=self.attn_logit_softcap,
+                    rope_theta=self.rope_local_theta if local else self.rope_theta,
+                    rope_scaling=None if local else self.rope_scaling,
+                )
+            )
+        return tuple(specs)
 
     @property
     def q_size(self) -> int:
@@ -67,7 +133,7 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
+def eos_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
     if isinstance(value, int):
@@ -75,16 +141,20 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _parse_rope(cfg: Mapping[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
+def parse_rope(
+    cfg: Mapping[str, Any], params: Mapping[str, Any] | None = None, default_theta: float = 1e4
+) -> tuple[float, RopeScaling | None]:
     """RoPE theta and scaling from either the transformers<5 or the >=5 (rope_parameters) keys."""
-    params = cfg.get("rope_parameters") or {}
+    params = params if params is not None else (cfg.get("rope_parameters") or {})
     scaling = cfg.get("rope_scaling") or params
-    theta = float(cfg.get("rope_theta", params.get("rope_theta", 10000.0)))
+    theta = float(cfg.get("rope_theta", params.get("rope_theta", default_theta)))
     kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
     if kind == "default":
         return theta, None
+    if kind == "linear":
+        return theta, LinearRopeScaling(factor=float(scaling["factor"]))
     if kind != "llama3":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: llama3)")
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
     return theta, Llama3RopeScaling(
         factor=float(scaling["factor"]),
         low_freq_factor=float(scaling["low_freq_factor"]),
@@ -94,25 +164,54 @@ def _parse_rope(cfg: Mapping[str, Any]) -> tuple[float, Llama3RopeScaling | None
 
 
 def from_hf_config(cfg: Mapping[str, Any]) -> ModelConfig:
-    """Parse a HF ``config.json`` dict. Raises ValueError naming any unsupported field."""
+    """Parse a HF ``config.json`` dict with its family's parser (``model/registry.py``)."""
+    from paged_jax.model.registry import family_for_hf
+
+    return family_for_hf(cfg.get("model_type")).parse_hf(cfg)
+
+
+def from_gguf_metadata(
+    meta: Mapping[str, Any],
+    tensor_names: set[str],
+    rope_freq_factors: tuple[float, ...] | None = None,
+) -> ModelConfig:
+    """Parse GGUF key/value metadata with its family's parser (``model/registry.py``)."""
+    from paged_jax.model.registry import family_for_gguf
+
+    family = family_for_gguf(meta.get("general.architecture"))
+    return family.parse_gguf(meta, tensor_names, rope_freq_factors)
+
+
+def gguf_getter(meta: Mapping[str, Any], arch: str):
+    """``get(key, default)`` of ``{arch}.{key}``; a key without a default must be present."""
+
+    def get(key: str, default: Any = None) -> Any:
+        full = f"{arch}.{key}"
+        if full not in meta and default is None:
+            raise ValueError(f"GGUF metadata is missing {full!r}")
+        return meta.get(full, default)
+
+    return get
+
+
+def llama_from_hf(cfg: Mapping[str, Any]) -> ModelConfig:
+    """Parse a Llama-family HF ``config.json`` dict. Raises ValueError naming any unsupported
+    field."""
     model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_HF_TYPES:
-        raise ValueError(
-            f"config.json model_type={model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_HF_TYPES)})"
-        )
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"config.json hidden_act={act!r} is not supported (only 'silu')")
     if cfg.get("mlp_bias"):
         raise ValueError("config.json mlp_bias=True is not supported")
-    sliding = cfg.get("sliding_window")
-    uses_window = cfg.get("use_sliding_window", model_type == "mistral")
-    if sliding is not None and uses_window:
-        raise ValueError(f"config.json sliding_window={sliding} is not supported yet")
+    window = cfg.get("sliding_window")
+    if not cfg.get("use_sliding_window", model_type == "mistral"):
+        window = None  # Qwen2/3 configs carry a window they do not use
+    elif model_type != "mistral" and window is not None:
+        # Qwen2's window covers only layers >= max_window_layers: not a single all-layer window
+        raise ValueError(f"config.json use_sliding_window=True ({model_type}) is not supported")
     if cfg.get("num_experts") or cfg.get("num_local_experts"):
         raise ValueError("config.json num_experts: mixture-of-experts models are not supported")
-    theta, scaling = _parse_rope(cfg)
+    theta, scaling = parse_rope(cfg)
     num_heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     head_dim = cfg.get("head_dim") or hidden // num_heads
@@ -135,32 +234,23 @@ def from_hf_config(cfg: Mapping[str, Any]) -> ModelConfig:
         o_bias=model_type in ("llama", "mistral") and attention_bias,
         qk_norm=model_type == "qwen3",
         bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        eos_token_ids=eos_ids(cfg.get("eos_token_id")),
+        sliding_window=None if window is None else int(window),
     )
 
 
-def from_gguf_metadata(
+def llama_from_gguf(
     meta: Mapping[str, Any],
     tensor_names: set[str],
     rope_freq_factors: tuple[float, ...] | None = None,
 ) -> ModelConfig:
-    """Parse GGUF key/value metadata (already decoded to Python values).
+    """Parse Llama-family GGUF key/value metadata (already decoded to Python values).
 
     llama.cpp bakes llama3 rope scaling into a ``rope_freqs.weight`` tensor of per-frequency
     divisors; the loader passes it here as ``rope_freq_factors``.
     """
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_GGUF_ARCHS:
-        raise ValueError(
-            f"GGUF general.architecture={arch!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_GGUF_ARCHS)})"
-        )
-
-    def get(key: str, default: Any = None) -> Any:
-        full = f"{arch}.{key}"
-        if full not in meta and default is None:
-            raise ValueError(f"GGUF metadata is missing {full!r}")
-        return meta.get(full, default)
+    get = gguf_getter(meta, arch)
 
     num_heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
@@ -200,7 +290,7 @@ def from_gguf_metadata(
         o_bias="blk.0.attn_output.bias" in tensor_names,
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=_eos_ids(eos),
+        eos_token_ids=eos_ids(eos),
     )
 
 

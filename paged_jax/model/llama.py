@@ -1,10 +1,11 @@
-"""The Llama-family transformer, top to bottom, as pure functions over a parameter pytree.
+"""The Llama family, top to bottom, as pure functions over a parameter pytree: forward, lm head,
+param layout (from HF-named tensors, random init) and the GGUF tensor names.
 
-Covers Llama 1/2/3 (llama3 RoPE scaling), Mistral (no window), Qwen2 (qkv bias) and Qwen3
-(q/k RMSNorm). Tokens arrive packed: ``token_ids i32[T]`` with their absolute ``positions``.
-Attention is a callback so one model file serves both the dense path here (each sequence on its
-own, causal) and the paged path (``runtime/``), which writes K/V into pages and calls the
-ragged paged attention kernel.
+Covers Llama 1/2/3 (llama3 RoPE scaling), Mistral (all-layer sliding window), Qwen2 (qkv bias)
+and Qwen3 (q/k RMSNorm). Tokens arrive packed: ``token_ids i32[T]`` with their absolute
+``positions``. Attention is a callback so one model file serves both the dense path
+(``model/dense.py``: each sequence on its own, causal) and the paged path (``runtime/``), which
+writes K/V into pages and calls the ragged paged attention kernel with the layer's spec.
 
 Parameter pytree (per-layer dicts, so a layer's weights are separate buffers that the paged
 step can read without slicing a stacked array):
@@ -24,39 +25,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paged_jax.model.config import ModelConfig, llama3_inv_freq_scale
+from paged_jax.model.config import ModelConfig
+from paged_jax.model.layers import (
+    apply_rope,
+    gated_mlp,
+    lm_head_logits,
+    normal_drawer,
+    rms_norm,
+    rope_inv_freq,
+)
 
 Params = dict[str, Any]
 # attn_fn(layer, q [T, Hq, Dh], k [T, Hkv, Dh], v [T, Hkv, Dh], cache) -> (out [T, Hq, Dh], cache)
 AttnFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    # x: [..., N]; normalise in f32, scale in the input dtype (as HF does)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * y.astype(x.dtype)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    # f32[Dh // 2], computed in f32 like the reference implementations
-    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
-    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
-    if cfg.rope_scaling is not None:
-        inv_freq = np.asarray(llama3_inv_freq_scale(cfg.rope_scaling, inv_freq.tolist()))
-    if cfg.rope_freq_factors is not None:
-        inv_freq = inv_freq / np.asarray(cfg.rope_freq_factors)
-    return inv_freq.astype(np.float32)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    # x: [T, H, Dh]; positions: i32[T]; rotate-half (NeoX) layout
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, Dh/2]
-    cos = jnp.cos(freqs)[:, None, :]
-    sin = jnp.sin(freqs)[:, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+GetTensor = Callable[[str], Any]  # HF tensor name -> array in HF layout ([out, in] linears)
 
 
 def forward(
@@ -75,10 +57,11 @@ def forward(
     """
     # token_ids, positions: i32[T] -> hidden [T, D]
     num_tokens = token_ids.shape[0]
-    inv_freq = rope_inv_freq(cfg)
+    specs = cfg.attention_specs()
     reduce = all_reduce or (lambda y: y)
     x = params["embed"][token_ids]  # [T, D]
     for layer_idx, layer in enumerate(params["layers"]):
+        inv_freq = rope_inv_freq(cfg.head_dim, specs[layer_idx], cfg.rope_freq_factors)
         h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
         qkv = h @ layer["wqkv"]  # [T, (Hq + 2 Hkv) Dh]
         if cfg.qkv_bias:
@@ -98,56 +81,175 @@ def forward(
             o = o + layer["bo"]
         x = x + o
         h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
-        gate, up = jnp.split(h @ layer["w_gate_up"], 2, axis=-1)  # [T, F] each
-        x = x + reduce((jax.nn.silu(gate) * up) @ layer["w_down"])
+        x = x + reduce(gated_mlp(h, layer["w_gate_up"], layer["w_down"], cfg.hidden_act))
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache
 
 
 def compute_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     # hidden: [N, D] -> f32[N, V]
-    if cfg.tie_word_embeddings:
-        # [V, D] @ [D, N] keeps the big operand untransposed (2x faster on XLA:CPU than h @ E.T)
-        logits = (params["embed"] @ hidden.T).T
-    else:
-        logits = hidden @ params["lm_head"]
-    return logits.astype(jnp.float32)
+    return lm_head_logits(
+        params, hidden, tied=cfg.tie_word_embeddings, final_soft_cap=cfg.final_logit_softcap
+    )
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sm_scale: float) -> jax.Array:
-    # q: [T, Hq, Dh]; k, v: [T, Hkv, Dh] of ONE sequence at positions 0..T-1 -> [T, Hq, Dh]
-    num_tokens, num_heads, head_dim = q.shape
-    group = num_heads // k.shape[1]
-    qg = q.reshape(num_tokens, k.shape[1], group, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("tkgd,skd->kgts", qg, k.astype(jnp.float32)) * sm_scale
-    mask = jnp.tril(jnp.ones((num_tokens, num_tokens), dtype=bool))
-    scores = jnp.where(mask, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("kgts,skd->tkgd", probs, v.astype(jnp.float32))
-    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+# ---------------------------------------------------------------- param layout
 
 
-def dense_logits(params: Params, cfg: ModelConfig, token_ids: jax.Array) -> jax.Array:
-    """Logits at every position of each row, no cache: the reference path. i32[B, T] -> [B, T, V]"""
-    sm_scale = cfg.head_dim**-0.5
+def build_params(cfg: ModelConfig, get: GetTensor, dtype: jnp.dtype) -> Params:
+    """Assemble the param pytree from HF-named tensors (linear weights ``[out, in]``)."""
 
-    def attn_fn(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, cache: Any):
-        return causal_attention(q, k, v, sm_scale), cache
+    def arr(name: str) -> jax.Array:
+        return jnp.asarray(get(name), dtype=dtype)
 
-    def one(ids: jax.Array) -> jax.Array:
-        positions = jnp.arange(ids.shape[0], dtype=jnp.int32)
-        hidden, _ = forward(params, cfg, ids, positions, None, attn_fn)
-        return compute_logits(params, cfg, hidden)
+    def linear(*names: str) -> jax.Array:
+        # HF [out, in] pieces -> [in, sum(out)]
+        return jnp.concatenate([arr(n) for n in names], axis=0).T
 
-    return jax.vmap(one)(token_ids)
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        attn = p + "self_attn."
+        layer = {
+            "attn_norm": arr(p + "input_layernorm.weight"),
+            "wqkv": linear(*(attn + f"{x}_proj.weight" for x in "qkv")),
+            "wo": linear(attn + "o_proj.weight"),
+            "mlp_norm": arr(p + "post_attention_layernorm.weight"),
+            "w_gate_up": linear(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+            "w_down": linear(p + "mlp.down_proj.weight"),
+        }
+        if cfg.qkv_bias:
+            layer["bqkv"] = jnp.concatenate([arr(attn + f"{x}_proj.bias") for x in "qkv"])
+        if cfg.o_bias:
+            layer["bo"] = arr(attn + "o_proj.bias")
+        if cfg.qk_norm:
+            layer["q_norm"] = arr(attn + "q_norm.weight")
+            layer["k_norm"] = arr(attn + "k_norm.weight")
+        layers.append(layer)
+    params = {
+        "embed": arr("model.embed_tokens.weight"),
+        "layers": layers,
+        "final_norm": arr("model.norm.weight"),
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = linear("lm_head.weight")
+    check_shapes(cfg, params)
+    return params
 
 
-def greedy_matches(
-    params: Params, cfg: ModelConfig, prompt_ids: list[int], continuation: list[int]
-) -> bool:
-    """Whether greedy decoding from ``prompt_ids`` yields ``continuation``: one teacher-forced
-    forward whose argmax at each step must be the next token (equivalent, and far cheaper)."""
-    ids = jnp.asarray(list(prompt_ids) + list(continuation), dtype=jnp.int32)
-    logits = dense_logits(params, cfg, ids[None])[0]  # [T, V]
-    start = len(prompt_ids) - 1
-    predicted = jnp.argmax(logits[start : start + len(continuation)], axis=-1)
-    return predicted.tolist() == list(continuation)
+def check_shapes(cfg: ModelConfig, params: Params) -> None:
+    qkv = cfg.q_size + 2 * cfg.kv_size
+    want = {
+        "embed": (cfg.vocab_size, cfg.hidden_size),
+        "wqkv": (cfg.hidden_size, qkv),
+        "wo": (cfg.q_size, cfg.hidden_size),
+        "w_gate_up": (cfg.hidden_size, 2 * cfg.intermediate_size),
+        "w_down": (cfg.intermediate_size, cfg.hidden_size),
+    }
+    layer0 = params["layers"][0]
+    got = {k: params["embed"].shape if k == "embed" else layer0[k].shape for k in want}
+    for name, shape in want.items():
+        if tuple(got[name]) != shape:
+            raise ValueError(f"weight {name} has shape {tuple(got[name])}, config implies {shape}")
+
+
+def init_random_params(cfg: ModelConfig, dtype: jnp.dtype, seed: int = 0) -> Params:
+    """Random params of ``cfg``'s shapes (normal, std 0.02; norms at 1; biases at 0)."""
+    normal = normal_drawer(8 * cfg.num_layers + 8, dtype, seed)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    qkv = cfg.q_size + 2 * cfg.kv_size
+    layers = []
+    for _ in range(cfg.num_layers):
+        layer = {
+            "attn_norm": jnp.ones((d,), dtype),
+            "wqkv": normal((d, qkv)),
+            "wo": normal((cfg.q_size, d)),
+            "mlp_norm": jnp.ones((d,), dtype),
+            "w_gate_up": normal((d, 2 * f)),
+            "w_down": normal((f, d)),
+        }
+        if cfg.qkv_bias:
+            layer["bqkv"] = jnp.zeros((qkv,), dtype)
+        if cfg.qk_norm:
+            layer["q_norm"] = jnp.ones((cfg.head_dim,), dtype)
+            layer["k_norm"] = jnp.ones((cfg.head_dim,), dtype)
+        layers.append(layer)
+    params = {
+        "embed": normal((cfg.vocab_size, d)),
+        "layers": layers,
+        "final_norm": jnp.ones((d,), dtype),
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = normal((d, cfg.vocab_size))
+    return params
+
+
+# ---------------------------------------------------------------- GGUF tensor names
+
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's interleaved-RoPE row permutation of a q/k weight or bias (HF layout)."""
+    rows = w.shape[0]
+    half = rows // num_heads // 2
+    return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def from_gguf_tensor(cfg: ModelConfig, hf_name: str, w: np.ndarray) -> np.ndarray:
+    """llama.cpp permutes the q/k rows of ``llama`` models for interleaved RoPE; undo it so the
+    model keeps a single (rotate-half) RoPE. Qwen2/3 are stored unpermuted."""
+    if cfg.arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+        return unpermute_rows(w, cfg.num_heads if ".q_proj." in hf_name else cfg.num_kv_heads)
+    return w
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048,
+    ),
+    "tiny-8kv": ModelConfig(  # 8 kv heads: tensor parallel tests shard them 2 and 4 ways
+        arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=8, num_kv_heads=8, head_dim=16, max_position_embeddings=2048,
+    ),
+    "smollm2-135m": ModelConfig(
+        arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+        num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True,
+    ),
+    "llama-1b": ModelConfig(
+        arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+        num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True,
+    ),
+    "llama2-7b": ModelConfig(
+        arch="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+        num_heads=32, num_kv_heads=32, head_dim=128, max_position_embeddings=4096,
+    ),
+    "llama3-8b": ModelConfig(
+        arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        max_position_embeddings=8192,
+    ),
+    "llama3-70b": ModelConfig(  # tensor parallel benchmarks (140 GB in bf16: tp >= 2 on H200)
+        arch="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+        num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        max_position_embeddings=8192,
+    ),
+}  # fmt: skip

@@ -1,5 +1,6 @@
 """The jitted engine step: embed, per layer write K/V into pages and run ragged paged
-attention, logits at each sequence's last scheduled token, and their argmax.
+attention with that layer's spec (window, scale, soft cap), logits at each sequence's last
+scheduled token, and their argmax.
 
 One function serves prefill, decode and mixed batches; it is compiled once per (T, S) bucket
 with the KV state donated, so XLA scatters new K/V into the existing page buffers in place.
@@ -22,7 +23,8 @@ import jax.numpy as jnp
 
 from paged_jax.kernels import ragged_paged_attention, write_kv
 from paged_jax.model.config import ModelConfig
-from paged_jax.model.llama import Params, compute_logits, forward
+from paged_jax.model.llama import Params
+from paged_jax.model.registry import family_of
 from paged_jax.runtime.select import mask_eos, top_logprobs
 from paged_jax.runtime.state import KVState
 
@@ -47,7 +49,8 @@ def make_step(
     """
     if variant not in VARIANTS:
         raise ValueError(f"{variant=} must be one of {VARIANTS}")
-    sm_scale = cfg.head_dim**-0.5
+    family = family_of(cfg)
+    specs = cfg.attention_specs()  # per layer: window, scale, soft cap reach the kernel
     eos_ids = jnp.asarray([t for t in eos_token_ids if 0 <= t < cfg.vocab_size], jnp.int32)
 
     def step(params: Params, kv: KVState, inputs: dict[str, Any]):
@@ -66,7 +69,9 @@ def make_step(
                 inputs["page_tables"],
                 inputs["cu_q_lens"],
                 inputs["num_seqs"],
-                sm_scale=sm_scale,
+                sm_scale=specs[layer].sm_scale,
+                sliding_window=specs[layer].sliding_window,
+                soft_cap=specs[layer].soft_cap,
                 impl=attn_impl,
                 decode_only=variant == "decode",
             )
@@ -74,20 +79,15 @@ def make_step(
             v_pages = v_pages[:layer] + (v_layer,) + v_pages[layer + 1 :]
             return out, (k_pages, v_pages)
 
-        hidden, (k_pages, v_pages) = forward(
-            params,
-            cfg,
-            inputs["token_ids"],
-            inputs["positions"],
-            (kv.k_pages, kv.v_pages),
-            attn_fn,
-            all_reduce,
+        hidden, (k_pages, v_pages) = family.forward(
+            params, cfg, inputs["token_ids"], inputs["positions"], (kv.k_pages, kv.v_pages),
+            attn_fn, all_reduce,
         )
-        logits = compute_logits(params, cfg, hidden[inputs["logits_indices"]])  # f32[S, V]
+        logits = family.compute_logits(params, cfg, hidden[inputs["logits_indices"]])  # f32[S, V]
         greedy = jnp.argmax(mask_eos(logits, inputs["suppress_eos"], eos_ids), axis=-1)
         outputs = {"logits": logits, "greedy": greedy.astype(jnp.int32)}
         if variant == "prompt":
-            all_logits = compute_logits(params, cfg, hidden)  # f32[T, V]
+            all_logits = family.compute_logits(params, cfg, hidden)  # f32[T, V]
             outputs["prompt"] = top_logprobs(all_logits, inputs["target_ids"])
         tokens = kv.token_pages.reshape(-1).at[inputs["slot_mapping"]].set(inputs["token_ids"])
         token_pages = tokens.reshape(kv.token_pages.shape)  # i32[P, page_size]
