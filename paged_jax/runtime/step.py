@@ -80,8 +80,13 @@ def make_step(
             return out, (k_pages, v_pages)
 
         hidden, (k_pages, v_pages) = family.forward(
-            params, cfg, inputs["token_ids"], inputs["positions"], (kv.k_pages, kv.v_pages),
-            attn_fn, all_reduce,
+            params,
+            cfg,
+            inputs["token_ids"],
+            inputs["positions"],
+            (kv.k_pages, kv.v_pages),
+            attn_fn,
+            all_reduce,
         )
         logits = family.compute_logits(params, cfg, hidden[inputs["logits_indices"]])  # f32[S, V]
         greedy = jnp.argmax(mask_eos(logits, inputs["suppress_eos"], eos_ids), axis=-1)
