@@ -129,6 +129,6 @@ def _check_perplexity(out, meta: dict) -> None:
     """Perplexity of the long prompt (the eval text's first tokens) from prompt logprobs."""
     ids = out.prompt_token_ids
     assert len(ids) == meta["ppl"]["num_tokens"]
-    nll = -sum(out.prompt_logprobs[i][ids[i]] for i in range(1, len(ids)))
+    nll = -sum(out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids)))
     ppl = math.exp(nll / (len(ids) - 1))
     assert abs(ppl / meta["ppl"]["perplexity"] - 1) <= MAX_PPL_REL_DIFF, ppl
