@@ -39,12 +39,18 @@ from paged_jax.model.config import (
 from paged_jax.model.layers import (
     apply_rope,
     gated_mlp,
-    lm_head_logits,
     normal_drawer,
     rope_inv_freq,
 )
 from paged_jax.model.layers import rms_norm_unit_offset as norm
-from paged_jax.model.llama import AttnFn, GetTensor, Params, check_shapes
+from paged_jax.model.llama import (  # noqa: F401  (compute_logits: the family's, the same)
+    AttnFn,
+    GetTensor,
+    Params,
+    check_shapes,
+    compute_logits,
+    hf_tensors,
+)
 
 HF_MODEL_TYPES = ("gemma3_text",)
 GGUF_ARCHS = ("gemma3",)
@@ -193,24 +199,13 @@ def forward(
     return norm(x, params["final_norm"], eps), cache
 
 
-def compute_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    # hidden: [N, D] -> f32[N, V]
-    return lm_head_logits(
-        params, hidden, tied=cfg.tie_word_embeddings, final_soft_cap=cfg.final_logit_softcap
-    )
-
-
 # ---------------------------------------------------------------- param layout
 
 
 def build_params(cfg: ModelConfig, get: GetTensor, dtype: jnp.dtype) -> Params:
     """Assemble the param pytree from HF-named tensors (linear weights ``[out, in]``)."""
 
-    def arr(name: str) -> jax.Array:
-        return jnp.asarray(get(name), dtype=dtype)
-
-    def linear(*names: str) -> jax.Array:
-        return jnp.concatenate([arr(n) for n in names], axis=0).T  # [in, sum(out)]
+    arr, linear = hf_tensors(get, dtype)
 
     layers = []
     for i in range(cfg.num_layers):

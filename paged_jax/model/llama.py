@@ -95,15 +95,23 @@ def compute_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.A
 # ---------------------------------------------------------------- param layout
 
 
-def build_params(cfg: ModelConfig, get: GetTensor, dtype: jnp.dtype) -> Params:
-    """Assemble the param pytree from HF-named tensors (linear weights ``[out, in]``)."""
+def hf_tensors(get: GetTensor, dtype: jnp.dtype) -> tuple[Callable, Callable]:
+    """(arr, linear): an HF tensor as ``dtype``, and HF ``[out, in]`` linears concatenated on
+    the output axis and transposed to ``[in, sum(out)]``."""
 
     def arr(name: str) -> jax.Array:
         return jnp.asarray(get(name), dtype=dtype)
 
     def linear(*names: str) -> jax.Array:
-        # HF [out, in] pieces -> [in, sum(out)]
         return jnp.concatenate([arr(n) for n in names], axis=0).T
+
+    return arr, linear
+
+
+def build_params(cfg: ModelConfig, get: GetTensor, dtype: jnp.dtype) -> Params:
+    """Assemble the param pytree from HF-named tensors (linear weights ``[out, in]``)."""
+
+    arr, linear = hf_tensors(get, dtype)
 
     layers = []
     for i in range(cfg.num_layers):

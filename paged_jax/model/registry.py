@@ -80,24 +80,21 @@ def supported_gguf_archs() -> tuple[str, ...]:
     return tuple(a for f in FAMILIES.values() for a in f.gguf_archs)
 
 
-def family_for_hf(model_type: Any) -> Family:
+def _find(owned: Callable[[Family], tuple], value: Any, what: str, supported: tuple) -> Family:
     for family in FAMILIES.values():
-        if model_type in family.hf_model_types:
+        if value in owned(family):
             return family
-    raise ValueError(
-        f"config.json model_type={model_type!r} is not supported "
-        f"(supported: {', '.join(supported_hf_types())})"
-    )
+    raise ValueError(f"{what}={value!r} is not supported (supported: {', '.join(supported)})")
+
+
+def family_for_hf(model_type: Any) -> Family:
+    return _find(lambda f: f.hf_model_types, model_type, "config.json model_type",
+                 supported_hf_types())  # fmt: skip
 
 
 def family_for_gguf(arch: Any) -> Family:
-    for family in FAMILIES.values():
-        if arch in family.gguf_archs:
-            return family
-    raise ValueError(
-        f"GGUF general.architecture={arch!r} is not supported "
-        f"(supported: {', '.join(supported_gguf_archs())})"
-    )
+    return _find(lambda f: f.gguf_archs, arch, "GGUF general.architecture",
+                 supported_gguf_archs())  # fmt: skip
 
 
 def family_of(cfg: ModelConfig) -> Family:
