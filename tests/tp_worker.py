@@ -67,7 +67,7 @@ def run_engine(model, tp, prompts, extra=(), **options):
     result = {
         "tokens": [o.outputs[0].token_ids for o in outs],
         "logprobs": [
-            [{str(k): v for k, v in d.items()} for d in o.outputs[0].logprobs] for o in outs
+            [{str(k): v.logprob for k, v in d.items()} for d in o.outputs[0].logprobs] for o in outs
         ],
         "kv_shards": len(llm._driver.runner.kv.k_pages[0].sharding.device_set),
     }
