@@ -72,7 +72,9 @@ class Driver:
                 f"model={self._model_name!r} has no tokenizer: use SamplingParams(detokenize=False)"
             )
         self.scheduler.check_group_size(params.n)
-        return self.encode_checked(prompt)
+        text, ids = self.encode_checked(prompt)
+        self.scheduler.check_group_fits(len(ids), params.max_tokens, params.n)
+        return text, ids
 
     def make_request(self, prompt: Prompt, params: SamplingParams) -> Request:
         """Validate and tokenize one prompt (ValueError naming the field); not queued yet."""
@@ -115,6 +117,9 @@ class Driver:
             raise ValueError(
                 f"beam_width={params.beam_width} is more than max_num_seqs={cfg.max_num_seqs}"
             )
+        self.scheduler.check_group_fits(
+            len(ids), params.max_tokens, params.beam_width, "beam_width"
+        )
         eos = frozenset() if params.ignore_eos else self.scheduler.eos_token_ids
         if params.num_candidates(len(eos)) > MAX_LOGPROBS:
             raise ValueError(
@@ -237,8 +242,9 @@ class Driver:
         text = req.detok.text
         stops = params.stop_strings
         if stops and index + 1 >= params.min_tokens:
-            window_start = max(0, before - max(len(s) for s in stops) + 1)
-            hits = [(text.find(s, window_start), s) for s in stops]
+            # only a stop string that ends in the new text: one that came out whole before
+            # min_tokens was reached does not count
+            hits = [(text.find(s, max(0, before - len(s) + 1)), s) for s in stops]
             hits = [(i, s) for i, s in hits if i >= 0]
             if hits:
                 cut, stop = min(hits)
