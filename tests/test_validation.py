@@ -202,3 +202,16 @@ def test_every_sampling_field_out_of_range_or_of_the_wrong_type(field, values):
     for value in values:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**{field: value})
+
+
+def test_readme_gin_override_changes_the_stride():
+    from pathlib import Path
+
+    from paged_jax.eval.loaders import load_gin
+
+    gin = Path(__file__).parents[1] / "configs/eval/smollm2-135m.gin"
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    binding = "declaration_ppl/PerplexityTask.stride=128"
+    assert f"--gin-param '{binding}'" in readme
+    assert load_gin([gin], [binding]).tasks["declaration_ppl"].stride == 128
+    assert load_gin([gin]).tasks["declaration_ppl"].stride == 256
