@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from tqdm import tqdm
 
 from paged_jax.engine.beam import BeamGroup, BeamSearchParams
+from paged_jax.engine.plan import StepPlan
 from paged_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from paged_jax.engine.scheduler import Scheduler
 from paged_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -59,6 +60,8 @@ class Driver:
         # seq_id -> its request and completion, until the completion finishes
         self._live: dict[int, tuple[Request, Completion]] = {}
         self._beams: dict[int, BeamRequest] = {}  # seq_id of a live beam -> its request
+        # test hook: NaN into every page no one holds (and no hit can read) before each step
+        self.poison_free_pages = False
 
     # ------------------------------------------------------------------ requests
 
@@ -179,6 +182,7 @@ class Driver:
                 raise RuntimeError("scheduler made no progress with requests pending")
             self.metrics.num_preemptions += len(plan.preempted)
             return []  # a sequence preempted itself; the next step re-admits it
+        self._before_run(plan)
         out = self.runner.run(plan)
         ran = time.perf_counter()
         if out.logprobs is not None or out.prompt_logprobs is not None:
@@ -218,6 +222,11 @@ class Driver:
         times = StepTimes(start, scheduled, ran, end, self.runner.last_timing)
         self.metrics.record(plan, num_sampled, self.scheduler.kv_utilization(), times)
         return touched
+
+    def _before_run(self, plan: StepPlan) -> None:
+        """Test hooks between planning and running a step (off by default)."""
+        if self.poison_free_pages:  # a stray read of a free page then turns the output NaN
+            self.runner.fill_free_pages(self.scheduler.kv_cache.uncached_free_page_ids())
 
     def _advance_beams(self, request: BeamRequest) -> int:
         """The beam update of a group whose live beams all have candidates; tokens chosen."""

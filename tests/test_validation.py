@@ -215,3 +215,16 @@ def test_readme_gin_override_changes_the_stride():
     assert f"--gin-param '{binding}'" in readme
     assert load_gin([gin], [binding]).tasks["declaration_ppl"].stride == 128
     assert load_gin([gin]).tasks["declaration_ppl"].stride == 256
+
+
+def test_tokenizer_with_ids_beyond_the_vocab():
+    from paged_jax.build import _check_model
+    from paged_jax.model.presets import preset_config
+
+    class Tok:
+        vocab_size = 600
+
+    with pytest.raises(ValueError, match="600 ids, more than the model's vocab_size=512"):
+        _check_model(EngineConfig(model="m"), preset_config("tiny"), Tok())
+    Tok.vocab_size = 512
+    _check_model(EngineConfig(model="m"), preset_config("tiny"), Tok())
