@@ -60,7 +60,9 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
             f"the KV budget ({budget}={getattr(cfg, budget)}) holds {num_pages} pages of "
             f"{per_page} bytes (page_size={cfg.page_size}), fewer than the "
             f"{1 + -(-max_model_len // cfg.page_size)} that one max_model_len={max_model_len} "
-            f"sequence needs: raise {budget}, or lower max_model_len"
+            f"sequence needs (page 0 is reserved): at most "
+            f"{max(num_pages - 1, 0) * cfg.page_size} tokens would fit; raise {budget}, or "
+            "lower max_model_len"
         )
     scheduler_config = SchedulerConfig(
         max_num_seqs=cfg.max_num_seqs,
