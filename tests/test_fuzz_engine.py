@@ -286,5 +286,6 @@ def test_fuzz_host_engine(pool):
     for key in ("bursts", "copies", "hit_tokens", "beams", "groups", "aborted", "stop_strings",
                 "stop_ids"):  # fmt: skip
         assert counts[key] > 0, (key, counts)
-    assert counts["rejected"] > 0, counts  # groups larger than max_num_seqs or the pool
+    if pool == "tiny":  # groups larger than max_num_seqs or the pool are refused up front
+        assert counts["rejected"] > 0, counts
     assert (counts["preemptions"] > 0) == (pool != "ample"), counts
