@@ -25,7 +25,7 @@ from paged_jax.model.presets import param_bytes, preset_config
 from paged_jax.runtime import tp
 from paged_jax.runtime.buckets import Buckets
 from paged_jax.runtime.runner import ModelRunner, enable_compilation_cache
-from paged_jax.runtime.state import free_device_bytes, num_pages_for_budget
+from paged_jax.runtime.state import bytes_per_page, free_device_bytes, num_pages_for_budget
 from paged_jax.runtime.step import VARIANTS
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
     loaded, mesh = _load_placed(cfg)
     model_config = loaded.config
     max_model_len = cfg.max_model_len or model_config.max_position_embeddings
+    _check_model(cfg, model_config, loaded.tokenizer)
     kv_dtype = resolve_dtype(cfg.dtype if cfg.kv_dtype == "auto" else cfg.kv_dtype)
     num_pages = cfg.num_pages or num_pages_for_budget(
         tp.local_config(model_config, cfg.tensor_parallel_size),
@@ -59,6 +60,17 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
         cpu_bytes=cfg.kv_cpu_bytes,
         devices=None if mesh is None else list(mesh.devices.flat),
     )
+    if cfg.num_pages is None and num_pages < 1 + -(-max_model_len // cfg.page_size):
+        per_page = bytes_per_page(model_config, cfg.page_size, kv_dtype)
+        budget = "kv_memory_fraction" if free_device_bytes() is not None else "kv_cpu_bytes"
+        raise ValueError(
+            f"the KV budget ({budget}={getattr(cfg, budget)}) holds {num_pages} pages of "
+            f"{per_page} bytes (page_size={cfg.page_size}), fewer than the "
+            f"{1 + -(-max_model_len // cfg.page_size)} that one max_model_len={max_model_len} "
+            f"sequence needs (page 0 is reserved): at most "
+            f"{max(num_pages - 1, 0) * cfg.page_size} tokens would fit; raise {budget}, or "
+            "lower max_model_len"
+        )
     scheduler_config = SchedulerConfig(
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
@@ -141,6 +153,20 @@ def _staging_device(model: str, dtype: Any) -> jax.Device:
     free = free_device_bytes([device])
     fits = free is not None and count * jnp.dtype(resolve_dtype(dtype)).itemsize < free // 2
     return device if fits else jax.devices("cpu")[0]
+
+
+def _check_model(cfg: EngineConfig, model: ModelConfig, tokenizer: Tokenizer | None) -> None:
+    """Options the model cannot honour, and a tokenizer that does not match it."""
+    if cfg.max_model_len is not None and cfg.max_model_len > model.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len={cfg.max_model_len} is more than the model's "
+            f"max_position_embeddings={model.max_position_embeddings}"
+        )
+    if tokenizer is not None and tokenizer.vocab_size > model.vocab_size:
+        raise ValueError(
+            f"the tokenizer of model={cfg.model!r} has {tokenizer.vocab_size} ids, more than "
+            f"the model's vocab_size={model.vocab_size}: they do not belong together"
+        )
 
 
 def runner_stats(runner: ModelRunner) -> dict[str, Any]:

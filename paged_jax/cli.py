@@ -17,6 +17,12 @@ Data parallel: run one process per share with ``--coordinator-address/--num-proc
 --process-id`` (or ``--distributed``, the job from the environment); process 0 merges the
 outputs (``paged_jax.distributed``).
 
+Each result is written (and flushed) as soon as its request finishes, and the file is put in
+input order at the end. A line's id is its ``id`` field, else its line number (from 1); ids
+must be unique. ``--resume`` keeps the results already in ``--output`` and serves only the
+other lines, so a job killed at any point and started again with ``--resume`` ends with every
+input line exactly once, in input order.
+
 ``paged-jax eval --config configs/eval/<name>.yaml [key=value ...]`` or
 ``paged-jax eval --gin-file configs/eval/<name>.gin [--gin-param 'x.y=z' ...]`` runs an
 evaluation (``paged_jax.eval``), writes its JSON result and prints a one-line summary.
@@ -35,18 +41,19 @@ from typing import Any
 
 from paged_jax.engine.beam import BeamSearchParams
 from paged_jax.engine.sampling_params import SamplingParams
-from paged_jax.io.jsonl import json_object
+from paged_jax.io.jsonl import ResultFile, decode_lines, json_object
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 _BEAM_FIELDS = {f.name for f in dataclasses.fields(BeamSearchParams)}
 
 
 def _parse_line(
-    llm: Any, line: str, index: int, beam_width: int | None = None
+    llm: Any, line: str, number: int, beam_width: int | None = None
 ) -> tuple[str, Any, SamplingParams | BeamSearchParams]:
-    """(id, prompt, params) of one jsonl line; ValueError naming the problem."""
-    record = json_object(line, f"line {index + 1}")
-    request_id = str(record.get("id", index))
+    """(id, prompt, params) of one jsonl line (``number`` from 1); ValueError naming the
+    problem."""
+    record = json_object(line, f"line {number}")
+    request_id = str(record.get("id", number))
     has = [k for k in ("prompt", "messages", "prompt_token_ids") if k in record]
     if len(has) != 1:
         raise ValueError("exactly one of 'prompt', 'messages', 'prompt_token_ids' is required")
@@ -71,60 +78,54 @@ def generate(args: argparse.Namespace) -> int:
     from paged_jax import distributed
     from paged_jax.llm import LLM
 
-    lines = Path(args.input).read_text().splitlines()  # before the model load: fail fast
+    data = Path(args.input).read_bytes()  # before the model load: fail fast
+    lines = [(n, text) for n, text in decode_lines(data, args.input)
+             if isinstance(text, ValueError) or text.strip()]  # fmt: skip
+    ids = _line_ids(lines)
+    ResultFile.check_writable(args.output)  # before the work: a bad --output fails now
     group = distributed.initialize(
         args.coordinator_address,
         args.num_processes,
         args.process_id,
         from_environment=args.distributed,
     )
-    numbered = [(i, line) for i, line in enumerate(lines) if line.strip()]
+    mine = distributed.local_items(list(zip(lines, ids, strict=True)), group)
+    my_ids = [request_id for _, (request_id, _) in mine]
     options = {"model": args.model} if args.model else {}
     llm = LLM(config=args.config, overrides=args.overrides, **options)
-    results: list[dict[str, Any] | None] = []
-    indices: list[int] = []  # input line of each result
-    valid: list[tuple[int, str, Any, SamplingParams]] = []
-    for i, line in distributed.local_items(numbered, group):
-        indices.append(i)
-        try:
-            request_id, prompt, params = _parse_line(llm, line, i, args.beam_width)
-        except (ValueError, TypeError) as e:
-            results.append({"id": _line_id(line, i), "error": str(e)})
-            continue
-        valid.append((len(results), request_id, prompt, params))
-        results.append(None)
-    start = time.perf_counter()
-    sampled = [v for v in valid if isinstance(v[3], SamplingParams)]
-    beams = [v for v in valid if isinstance(v[3], BeamSearchParams)]
-    num_tokens = 0
-    if sampled:  # LLM.generate rejects an empty list; every line may be bad or blank
-        outs = llm.generate([v[2] for v in sampled], [v[3] for v in sampled],
-                            use_tqdm=not args.quiet)  # fmt: skip
-        for (slot, request_id, _, params), out in zip(sampled, outs, strict=True):
-            results[slot] = {"id": request_id, **_completion(out.outputs[0], params)}
-            if len(out.outputs) > 1:
-                results[slot]["outputs"] = [_completion(c, params) for c in out.outputs]
-            if params.prompt_logprobs is not None:
-                results[slot]["prompt_logprobs"] = _logprobs_json(out.prompt_logprobs)
-            num_tokens += sum(len(c.token_ids) for c in out.outputs)
-    by_params: dict[BeamSearchParams, list] = {}
-    for v in beams:
-        by_params.setdefault(v[3], []).append(v)
-    for params, lines in by_params.items():  # one batched beam_search per distinct params
-        outs = llm.beam_search([v[2] for v in lines], params, use_tqdm=not args.quiet)
-        for (slot, request_id, _, _), out in zip(lines, outs, strict=True):
-            best = out.sequences[0]
-            results[slot] = {
-                "id": request_id,
-                "text": best.text,
-                "token_ids": best.token_ids,
-                "beams": [dataclasses.asdict(b) for b in out.sequences],
-            }
-            num_tokens += len(best.token_ids)
-    seconds = time.perf_counter() - start
-    distributed.write_merged(
-        args.output, zip(indices, results, strict=True), [i for i, _ in numbered], group
-    )
+    # One process writes --output itself; under data parallel each its own file, merged below.
+    own = args.output if group.num_processes == 1 else f"{args.output}.process{group.process_id}"
+    out = ResultFile(own, resume=args.resume)
+    try:
+        valid, num_skipped = [], 0
+        for (number, text), (request_id, error) in mine:
+            if request_id in out:
+                num_skipped += 1  # --resume: done by an earlier run
+                continue
+            try:
+                if error is not None:
+                    raise ValueError(error)
+                if isinstance(text, ValueError):
+                    raise text
+                _, prompt, params = _parse_line(llm, text, number, args.beam_width)
+            except (ValueError, TypeError) as e:
+                out.write({"id": request_id, "error": str(e)})
+                continue
+            valid.append((request_id, prompt, params))
+        start = time.perf_counter()
+        num_tokens = _serve(llm, valid, out, quiet=args.quiet)
+        seconds = time.perf_counter() - start
+        out.finish(my_ids)
+    except BaseException:
+        out.close()
+        raise
+    results = out.records(my_ids)
+    if group.num_processes > 1:
+        position = {request_id: k for k, (request_id, _) in enumerate(ids)}
+        distributed.write_merged(
+            args.output, [(position[r["id"]], r) for r in results], range(len(ids)), group
+        )
+        Path(own).unlink()
     if args.print:
         for r in results:
             body = r.get("text") if "text" in r else f"ERROR: {r['error']}"
@@ -132,7 +133,8 @@ def generate(args: argparse.Namespace) -> int:
     stats = llm.stats()
     summary = {
         "requests": len(valid),
-        "errors": len(results) - len(valid),
+        "errors": sum("error" in r for r in results),
+        "resumed": num_skipped,
         "output_tokens": num_tokens,
         "seconds": round(seconds, 3),
         "output_tok_s": round(num_tokens / seconds, 2) if seconds else 0.0,
@@ -148,6 +150,40 @@ def generate(args: argparse.Namespace) -> int:
         summary["process"] = f"{group.process_id}/{group.num_processes}"
     print("summary " + json.dumps(summary))
     return 0
+
+
+def _serve(llm: Any, valid: list[tuple[str, Any, Any]], out: ResultFile, quiet: bool) -> int:
+    """Run every valid line, writing each result as it finishes; returns the output tokens."""
+    num_tokens = 0
+    sampled = [v for v in valid if isinstance(v[2], SamplingParams)]
+    if sampled:  # LLM.generate rejects an empty list; every line may be bad or blank
+        outs = llm.generate_as_completed([v[1] for v in sampled], [v[2] for v in sampled],
+                                         use_tqdm=not quiet)  # fmt: skip
+        for i, o in outs:
+            params = sampled[i][2]
+            record = {"id": sampled[i][0], **_completion(o.outputs[0], params)}
+            if len(o.outputs) > 1:
+                record["outputs"] = [_completion(c, params) for c in o.outputs]
+            if params.prompt_logprobs is not None:
+                record["prompt_logprobs"] = _logprobs_json(o.prompt_logprobs)
+            out.write(record)
+            num_tokens += sum(len(c.token_ids) for c in o.outputs)
+    by_params: dict[BeamSearchParams, list] = {}
+    for v in valid:
+        if isinstance(v[2], BeamSearchParams):
+            by_params.setdefault(v[2], []).append(v)
+    for params, group in by_params.items():  # one batched beam search per distinct params
+        outs = llm.beam_search_as_completed([v[1] for v in group], params, use_tqdm=not quiet)
+        for i, o in outs:
+            best = o.sequences[0]
+            out.write({
+                "id": group[i][0],
+                "text": best.text,
+                "token_ids": best.token_ids,
+                "beams": [dataclasses.asdict(b) for b in o.sequences],
+            })  # fmt: skip
+            num_tokens += len(best.token_ids)
+    return num_tokens
 
 
 def _completion(c: Any, params: SamplingParams) -> dict[str, Any]:
@@ -168,14 +204,30 @@ def _logprobs_json(entries: list[dict[int, Any] | None]) -> list[dict[str, Any] 
     ]
 
 
-def _line_id(line: str, index: int) -> str:
+def _line_ids(lines: list[tuple[int, str | ValueError]]) -> list[tuple[str, str | None]]:
+    """Each line's id: its "id" field, else its line number (from 1, as in the messages).
+    Ids must be unique (--resume goes by them): a repeated one makes the later line an error
+    written under the id ``"<id> (line N)"``. Returns (id, error or None) per line."""
+    ids, seen = [], {}
+    for number, text in lines:
+        request_id = str(number) if isinstance(text, ValueError) else _line_id(text, number)
+        if request_id in seen:
+            message = f"line {number}: id {request_id!r} is also line {seen[request_id]}'s"
+            ids.append((f"{request_id} (line {number})", message))
+            continue
+        seen[request_id] = number
+        ids.append((request_id, None))
+    return ids
+
+
+def _line_id(line: str, number: int) -> str:
     try:
         record = json.loads(line)
         if isinstance(record, dict) and "id" in record:
             return str(record["id"])
     except json.JSONDecodeError:
         pass
-    return str(index)
+    return str(number)
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -201,7 +253,12 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="paged-jax", description=__doc__.split("\n")[0])
+    from paged_jax import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="paged-jax", description="paged-jax: batch generation, evaluation and benchmarks"
+    )
+    parser.add_argument("--version", action="version", version=f"paged-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="batch generation over a jsonl file")
     gen.add_argument("--model", help="bundled alias, HF directory or .gguf (default: config's)")
@@ -218,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         "--distributed",
         action="store_true",
         help="data parallel, the job taken from the environment (TPU, SLURM, MPI)",
+    )
+    gen.add_argument(
+        "--resume", action="store_true", help="keep --output's results, serve only the rest"
     )
     gen.add_argument("overrides", nargs="*", help="engine config overrides, key=value")
     ev = sub.add_parser("eval", help="evaluation run from a yaml or gin config")

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+MIN_STEP_TOKENS = 8  # the smallest sequence bucket (runtime.buckets.MIN_SEQ_BUCKET)
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -43,6 +45,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # shard the model over this many local devices (runtime/tp)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # types first: LLM(**options) skips from_dict
+            coerce_field(EngineConfig, f.name, getattr(self, f.name), "config")
         for name in (
             "page_size",
             "max_num_seqs",
@@ -53,10 +57,17 @@ class EngineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_num_batched_tokens < MIN_STEP_TOKENS:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
+                f"{MIN_STEP_TOKENS}: the smallest compiled step holds {MIN_STEP_TOKENS} sequences"
+            )
         if self.num_pages is not None and self.num_pages < 2:
             raise ValueError(f"num_pages={self.num_pages} must be >= 2 (page 0 is reserved)")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len={self.max_model_len} must be >= 1")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed} must be in [0, 2**32)")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction={self.kv_memory_fraction} must be in (0, 1]")
         if self.attn_impl not in ("auto", "reference", "gpu", "tpu"):
@@ -80,7 +91,8 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise ValueError(f"key {key!r} is set twice ({key_node.start_mark})")
+            mark = key_node.start_mark
+            raise ValueError(f"key {key!r} is set twice (line {mark.line + 1})")
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
@@ -140,6 +152,8 @@ def read_yaml_chain(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid yaml: {e}") from None
+    except ValueError as e:  # a key set twice
+        raise ValueError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must be a mapping of key: value")
     base = data.pop("base_config", None)

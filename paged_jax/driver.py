@@ -65,6 +65,8 @@ class Driver:
         self._live: dict[int, tuple[Request, Completion]] = {}
         self._beams: dict[int, BeamRequest] = {}  # seq_id of a live beam -> its request
         self.token_masks = TokenMasks(tokenizer, runner.cfg.vocab_size)
+        # test hook: NaN into every page no one holds (and no hit can read) before each step
+        self.poison_free_pages = False
 
     # ------------------------------------------------------------------ requests
 
@@ -79,7 +81,9 @@ class Driver:
             )
         self.scheduler.check_group_size(params.n)
         self.token_masks.check(params)
-        return self.encode_checked(prompt)
+        text, ids = self.encode_checked(prompt)
+        self.scheduler.check_group_fits(len(ids), params.max_tokens, params.n)
+        return text, ids
 
     def make_request(self, prompt: Prompt, params: SamplingParams) -> Request:
         """Validate and tokenize one prompt (ValueError naming the field); not queued yet."""
@@ -123,6 +127,9 @@ class Driver:
             raise ValueError(
                 f"beam_width={params.beam_width} is more than max_num_seqs={cfg.max_num_seqs}"
             )
+        self.scheduler.check_group_fits(
+            len(ids), params.max_tokens, params.beam_width, "beam_width"
+        )
         eos = frozenset() if params.ignore_eos else self.scheduler.eos_token_ids
         if params.num_candidates(len(eos)) > MAX_LOGPROBS:
             raise ValueError(
@@ -182,6 +189,7 @@ class Driver:
                 raise RuntimeError("scheduler made no progress with requests pending")
             self.metrics.num_preemptions += len(plan.preempted)
             return []  # a sequence preempted itself; the next step re-admits it
+        self._before_run(plan)
         out = self.runner.run(plan, self._token_masks(plan))
         ran = time.perf_counter()
         if out.logprobs is not None or out.prompt_logprobs is not None:
@@ -247,6 +255,11 @@ class Driver:
                 finished.add(seq.seq_id)
         return finished
 
+    def _before_run(self, plan: StepPlan) -> None:
+        """Test hooks between planning and running a step (off by default)."""
+        if self.poison_free_pages:  # a stray read of a free page then turns the output NaN
+            self.runner.fill_free_pages(self.scheduler.kv_cache.uncached_free_page_ids())
+
     def _advance_beams(self, request: BeamRequest) -> int:
         """The beam update of a group whose live beams all have candidates; tokens chosen."""
         group = request.group
@@ -270,8 +283,9 @@ class Driver:
         text = req.detok.text
         stops = params.stop_strings
         if stops and index + 1 >= params.min_tokens:
-            window_start = max(0, before - max(len(s) for s in stops) + 1)
-            hits = [(text.find(s, window_start), s) for s in stops]
+            # only a stop string that ends in the new text: one that came out whole before
+            # min_tokens was reached does not count
+            hits = [(text.find(s, max(0, before - len(s) + 1)), s) for s in stops]
             hits = [(i, s) for i, s in hits if i >= 0]
             if hits:
                 cut, stop = min(hits)

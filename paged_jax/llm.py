@@ -107,6 +107,36 @@ class LLM:
                 raise ValueError(f"messages[{i}] must be a non-empty list of message dicts")
         return self.generate([list(c) for c in messages], sampling_params, use_tqdm)
 
+    def generate_as_completed(
+        self,
+        prompts: Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> Iterator[tuple[int, RequestOutput]]:
+        """``generate``, yielding (input index, output) as each request finishes (a batch
+        job writes its results as they come: a kill then loses only the unfinished ones).
+        Validates and queues everything before the first step; closing it aborts the rest."""
+        self._check_open()
+        prompts = as_prompt_list(prompts)
+        params_list = as_params_list(sampling_params, len(prompts))
+        driver = self._driver
+        requests = [driver.make_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        _add_all(driver, requests)
+        return _as_completed(driver, requests, lambda r: r.output(), use_tqdm)
+
+    def beam_search_as_completed(
+        self, prompts: Sequence[Prompt], params: BeamSearchParams, use_tqdm: bool = True
+    ) -> Iterator[tuple[int, BeamSearchOutput]]:
+        """``beam_search`` with one ``params`` for all, yielding (input index, output) as
+        each prompt's search ends."""
+        self._check_open()
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be BeamSearchParams, got {type(params).__name__}")
+        driver = self._driver
+        requests = [driver.make_beam_request(p, params) for p in as_prompt_list(prompts)]
+        _add_all(driver, requests)
+        return _as_completed(driver, requests, lambda r: r.output(self.tokenizer), use_tqdm)
+
     def stream(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None
     ) -> Iterator[str]:
@@ -199,6 +229,25 @@ def _add_all(driver: Any, requests: list[Any]) -> None:
         for r in requests:
             driver.abort(r)
         raise
+
+
+def _as_completed(
+    driver: Any, requests: list[Any], output: Any, use_tqdm: bool
+) -> Iterator[tuple[int, Any]]:
+    pending = dict(enumerate(requests))
+    steps = driver.run_until_done(requests, use_tqdm)
+    num_unfinished = driver.num_unfinished
+    try:
+        for _ in steps:
+            if driver.num_unfinished == num_unfinished:
+                continue  # nothing finished in this step
+            num_unfinished = driver.num_unfinished
+            for i in [i for i, r in pending.items() if r.is_finished]:
+                yield i, output(pending.pop(i))
+        for i, r in pending.items():  # finished during another call's step
+            yield i, output(r)
+    finally:
+        steps.close()  # aborts what is left when the caller stops early
 
 
 def _stream_text(driver: Any, request: Any) -> Iterator[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from paged_jax.engine.beam import BeamGroup
@@ -175,9 +176,10 @@ def encode_prompt(
     tok: Tokenizer | None, vocab_size: int, prompt: Prompt, model: str
 ) -> tuple[str | None, list[int]]:
     """Text (when there is one) and token ids of one prompt; ValueError naming the problem."""
-    if tok is None and not (
-        isinstance(prompt, list | tuple) and prompt and isinstance(prompt[0], int)
-    ):
+    needs_tokenizer = isinstance(prompt, str) or (
+        isinstance(prompt, list | tuple) and prompt and isinstance(prompt[0], dict | str)
+    )
+    if tok is None and needs_tokenizer:
         raise ValueError(f"model={model!r} has no tokenizer: prompts must be token ids")
     if isinstance(prompt, str):
         if not prompt:
@@ -187,19 +189,32 @@ def encode_prompt(
         for i, message in enumerate(prompt):
             if not isinstance(message.get("role"), str) or "content" not in message:
                 raise ValueError(f"messages[{i}] must have a 'role' and a 'content'")
+            if not isinstance(message["content"], str):
+                raise ValueError(f"messages[{i}]['content']={message['content']!r} must be a str")
         if tok.chat_template is None:
             raise ValueError("messages given, but the model has no chat template")
         text = tok.apply_chat_template(prompt, add_generation_prompt=True)
         return text, tok.encode(text, add_bos=False)
+    if isinstance(prompt, list | tuple) and prompt and all(isinstance(p, str) for p in prompt):
+        raise ValueError(
+            f"prompt is a list of {len(prompt)} str: one call takes one prompt here "
+            "(generate takes a list of prompts)"
+        )
     if isinstance(prompt, list | tuple) and prompt:
         ids = list(prompt)
         vocab = vocab_size
         for i, t in enumerate(ids):
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+            if not isinstance(t, numbers.Integral) or isinstance(t, bool):
+                raise ValueError(
+                    f"prompt_token_ids[{i}]={t!r} must be an int, got {type(t).__name__}"
+                )
+            if not 0 <= t < vocab:
                 raise ValueError(f"prompt_token_ids[{i}]={t!r} is not a token id in [0, {vocab})")
-        return None, ids
+        return None, [int(t) for t in ids]
     raise ValueError(
-        f"prompt must be a non-empty str, token id list or message list, got {prompt!r}"
+        "prompt must be a non-empty str, token id list or message list, got "
+        f"{type(prompt).__name__} {prompt!r}"
+        + (": use .tolist()" if hasattr(prompt, "tolist") else "")
     )
 
 
@@ -219,6 +234,10 @@ def as_params_list(params: Any, n: int) -> list[SamplingParams]:
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
+    if not isinstance(params, list | tuple):
+        raise ValueError(
+            f"sampling_params must be SamplingParams or a list of them, got {type(params).__name__}"
+        )
     params = list(params)
     if len(params) != n:
         raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts")

@@ -85,12 +85,12 @@ def test_generate_every_line_kind(tmp_path, capsys, shared_engine):
     expected = [(i, x, want) for i, (x, want) in enumerate(LINES) if want is not None]
     assert len(results) == len(expected) == 11
 
-    # Input order, ids from the line, the line index where there is none.
-    # Malformed JSON (line 2) and a non-object (line 11): no readable id, so the line index.
+    # Input order, ids from the line, the line number (from 1) where there is none.
+    # Malformed JSON (line 3) and a non-object (line 12): no readable id, so the line number.
     assert [r["id"] for r in results] == [
-        "paris", "chat", "2", "cold", "extra", "long", "both", "8", "7", "bad_ids", "11"
+        "paris", "chat", "3", "cold", "extra", "long", "both", "9", "7", "bad_ids", "12"
     ]  # fmt: skip
-    assert results[7]["id"] == str(NO_ID_LINE)
+    assert results[7]["id"] == str(NO_ID_LINE + 1)  # its line number, from 1
 
     served = errors = 0
     for (_, record, want), r in zip(expected, results, strict=True):
@@ -396,3 +396,44 @@ def test_json_extraction_example(tmp_path, capsys, shared_engine):
     assert abs(r["cumulative_logprob"] - sum(chosen)) < 1e-4
     assert r["prompt_logprobs"][0] is None and len(r["prompt_logprobs"]) == 5
     assert summary["errors"] == 1
+
+
+# ----------------------------------------------------------------------------- found by new users
+
+
+def test_line_separators_inside_a_string_keep_one_line(tmp_path, capsys, shared_engine):
+    # U+2028, U+2029 and NEL are text inside a JSON string (str.splitlines would split there)
+    sep = '{"id": "sep", "prompt": "Hello\u2028world\u2029 and\x85 more", "max_tokens": 2}'
+    code, results, summary, captured = _run(tmp_path, capsys, [(sep, "text")], "--quiet")
+    assert code == 0, captured.err
+    assert [r["id"] for r in results] == ["sep"] and "text" in results[0], results
+    assert summary["errors"] == 0
+
+
+def test_repeated_id_is_the_later_lines_error(tmp_path, capsys, shared_engine):
+    line = {"id": "a", "prompt": "Hello", "max_tokens": 2}
+    code, results, _, captured = _run(tmp_path, capsys, [(line, "text"), (line, "id")], "--quiet")
+    assert code == 0, captured.err
+    assert results[0]["id"] == "a" and "text" in results[0]
+    assert results[1] == {"id": "a (line 2)", "error": "line 2: id 'a' is also line 1's"}
+
+
+def test_bad_output_fails_before_the_model_loads(tmp_path, capsys):
+    inp = _write_jsonl(tmp_path / "in.jsonl", LINES[:1])
+    # a model that does not exist: had it been loaded first, that would be the error
+    argv = ["generate", "--model", str(tmp_path / "no-model"), "--input", str(inp)]
+    assert main([*argv, "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: output ") and "is a directory" in err, err
+
+
+def test_version_and_plain_help(capsys):
+    from paged_jax import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"paged-jax {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "generate" in out and "--version" in out

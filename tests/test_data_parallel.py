@@ -102,7 +102,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     single = (tmp_path / "single.jsonl").read_text()
     assert (tmp_path / "dp.jsonl").read_text() == single
     records = [json.loads(line) for line in single.splitlines()]
-    assert [r["id"] for r in records] == ["0", "1", "3", "4", "5", "6", "s"]
+    assert [r["id"] for r in records] == ["1", "2", "4", "5", "6", "7", "s"]  # line numbers
     assert "max_tokens" in records[3]["error"]
     assert all(len(r["token_ids"]) == 6 for i, r in enumerate(records[:-1]) if i != 3)
     assert len(records[-1]["outputs"]) == 2

@@ -47,3 +47,13 @@ def test_the_step_calls_the_mosaic_kernel_in_bf16(lower_tpu):
 def test_unknown_models_are_named(lower_tpu):
     with pytest.raises(ValueError, match="nope"):
         lower_tpu.model_config("nope")
+
+
+def test_chip_table_names_device_kinds():
+    from paged_jax.kernels import tpu, tpu_chips
+
+    kinds = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
+             "TPU v6 lite": "v6e", "TPU v6e": "v6e"}  # fmt: skip
+    assert {k: tpu_chips.chip_of(k).name for k in kinds} == kinds
+    assert tpu_chips.chip_of("NVIDIA H200") is None
+    assert tpu.chip_block_sizes() == tpu.DEFAULT_BLOCK_SIZES  # off a TPU

@@ -97,8 +97,10 @@ def test_unseeded_requests_get_a_seed_from_their_id():
     c = Sequence("other-id", [1], SamplingParams())
     assert a.seed == b.seed != c.seed
     assert Sequence("same-id", [1], SamplingParams(), default_seed=1).seed != a.seed
-    assert Sequence("x", [1], SamplingParams(seed=-1)).seed == 2**32 - 1
-    assert Sequence("x", [1], SamplingParams(seed=2**32 + 5)).seed == 5
+    assert Sequence("x", [1], SamplingParams(seed=2**32 - 1)).seed == 2**32 - 1
+    for seed in (-1, 2**32, 2**32 + 5):  # they would wrap onto another seed's stream
+        with pytest.raises(ValueError, match="seed"):
+            SamplingParams(seed=seed)
     assert Sequence("x", [1], SamplingParams(seed=7), default_seed=1).seed == 7
     assert all(0 <= s.seed < 2**32 for s in (a, b, c))
 

@@ -77,8 +77,8 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k!r} must be -1 (off) or an int >= 1")
         if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p={self.min_p!r} must be in [0, 1]")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed={self.seed!r} must be an int or None")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
+            raise ValueError(f"seed={self.seed!r} must be None or an int in [0, 2**32)")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens!r} must be an int >= 1")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:

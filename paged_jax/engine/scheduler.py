@@ -121,7 +121,12 @@ class Scheduler:
         if seq.status is not SequenceStatus.WAITING or self.kv_cache.num_pages_of(seq):
             raise ValueError(f"{seq!r} was already scheduled")
         if seq.group is not None:
-            self.check_group_size(len(seq.group.members))
+            group = seq.group
+            num_members = group.params.beam_width if group.is_beam else len(group.members)
+            self.check_group_size(num_members)
+            name = "beam_width" if group.is_beam else "n"
+            max_tokens = seq.sampling_params.max_tokens
+            self.check_group_fits(num_tokens, max_tokens, num_members, name)
             seq = seq.group.prepare_prefill()
         self._waiting.append(seq)
 
@@ -131,6 +136,34 @@ class Scheduler:
             raise ValueError(
                 f"n={num_members} completions cannot run together: more than "
                 f"max_num_seqs={self.config.max_num_seqs}"
+            )
+
+    def check_group_fits(
+        self, num_prompt_tokens: int, max_tokens: int, num_members: int, name: str = "n"
+    ) -> None:
+        """ValueError when the KV pool cannot hold a group where all its members need pages at
+        once. Completions (``n``) decode side by side, so they may all need their full length
+        in the same step: below that a group alone preempts itself and recomputes forever.
+        Beams mostly share their pages: they are checked at the fork, where each computes the
+        prompt's last token (a pool that holds that but not beams which diverge to full
+        length can still preempt forever). Members share the prompt's full pages but the
+        last."""
+        kv = self.kv_cache
+        if num_members < 2:
+            return  # one sequence of max_model_len always fits (checked in __init__)
+        # K/V of every token but the last one sampled; the prompt's last token always computes
+        end = min(num_prompt_tokens + max_tokens, self.config.max_model_len)
+        num_kv_tokens = (
+            num_prompt_tokens if name == "beam_width" else max(num_prompt_tokens, end - 1)
+        )
+        shared = (num_prompt_tokens - 1) // kv.page_size
+        need = shared + num_members * (kv.pages_for(num_kv_tokens) - shared)
+        if need > kv.num_usable_pages:
+            raise ValueError(
+                f"{name}={num_members} sequences of a {num_prompt_tokens}-token prompt with "
+                f"max_tokens={max_tokens} need {need} KV pages of page_size={kv.page_size} "
+                f"at once, more than the {kv.num_usable_pages} usable of num_pages="
+                f"{kv.num_pages}: give the KV cache more memory or lower {name} or max_tokens"
             )
 
     def schedule(self) -> StepPlan:
@@ -260,8 +293,8 @@ class Scheduler:
         cfg = self.config
         while self._waiting and builder.budget > 0:
             seq, kv = self._waiting[0], self.kv_cache
-            num_members = len(seq.group.unfinished) if seq.group is not None else 1
-            if len(self._running) + num_members > cfg.max_num_seqs:
+            num_members = _num_members(seq)
+            if self._num_running_slots() + num_members > cfg.max_num_seqs:
                 break
             if cfg.reserve_full:
                 if not kv.can_allocate([], cfg.max_model_len):
@@ -287,6 +320,17 @@ class Scheduler:
             elif self._ready_to_fork(seq):  # the prompt was cached (or is one token long)
                 for member in self._fork_group(seq):
                     self._schedule_if_fits(member, builder)
+
+    def _num_running_slots(self) -> int:
+        """Running sequences, a running group counted whole (unforked members and the beams
+        it may fork to included)."""
+        num_single, groups = 0, {}
+        for seq in self._running:
+            if seq.group is None:
+                num_single += 1
+            else:
+                groups[id(seq.group)] = seq.group
+        return num_single + sum(_group_size(g) for g in groups.values())
 
     def _ready_to_fork(self, seq: Sequence) -> bool:
         return (
@@ -391,3 +435,13 @@ class Scheduler:
         seq.finished_time = now
         if queued_at is not None and seq.group is not None and seq.group.unfinished:
             self._waiting.insert(queued_at, seq.group.prepare_prefill())  # the next leader
+
+
+def _num_members(seq: Sequence) -> int:
+    """Sequences ``seq``'s group may run at once."""
+    return 1 if seq.group is None else _group_size(seq.group)
+
+
+def _group_size(group: SequenceGroup) -> int:
+    """A beam group grows to its beam_width; other groups run their unfinished members."""
+    return group.params.beam_width if group.is_beam else len(group.unfinished)

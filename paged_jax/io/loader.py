@@ -11,6 +11,7 @@ from typing import Any
 
 from paged_jax.io.bundled import BUNDLED, bundled_path
 from paged_jax.io.gguf_tokenizer import tokenizer_from_metadata
+from paged_jax.io.memory import check_fits_device
 from paged_jax.io.tokenizer import Tokenizer, load_tokenizer
 from paged_jax.io.weights import (
     load_gguf,
@@ -61,6 +62,7 @@ def load_model(model: str, dtype: Any = None) -> LoadedModel:
     start = time.perf_counter()
     if model.startswith(RANDOM_PREFIX):
         cfg = preset_config(model[len(RANDOM_PREFIX) :])
+        check_fits_device(cfg, resolve_dtype(dtype), model)  # before any allocation
         params = init_random_params(cfg, resolve_dtype(dtype))
         return LoadedModel(cfg, params, None, None, time.perf_counter() - start)
     path = resolve_model_path(model)

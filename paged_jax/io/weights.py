@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paged_jax.io.memory import check_fits_device
 from paged_jax.model.config import ModelConfig, from_gguf_metadata, from_hf_config
 from paged_jax.model.llama import Params
 from paged_jax.model.registry import family_of
@@ -47,6 +48,7 @@ def resolve_dtype(dtype: str | jnp.dtype | None) -> jnp.dtype:
 
 def build_params(cfg: ModelConfig, get: GetTensor, dtype: jnp.dtype) -> Params:
     """Assemble ``cfg``'s family's param pytree from HF-named tensors (``[out, in]`` linears)."""
+    check_fits_device(cfg, dtype, cfg.arch)  # before the first weight is placed
     return family_of(cfg).build_params(cfg, get, dtype)
 
 
@@ -66,27 +68,42 @@ def load_hf_config(model_dir: Path) -> ModelConfig:
 
 def _hf_tensor_files(model_dir: Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file that holds it."""
-    from safetensors import safe_open
 
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a JSON object: {e}") from None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index} has no 'weight_map' object")
+        missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard(s) {missing} that do not exist")
         return {name: model_dir / fname for name, fname in weight_map.items()}
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
     out = {}
     for f in files:
-        with safe_open(f, framework="flax") as sf:
+        with _open_safetensors(f) as sf:
             out.update({name: f for name in sf.keys()})
     return out
 
 
-def load_hf_dir(model_dir: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, Params]:
+def _open_safetensors(path: Path) -> Any:
+    """``safe_open`` with errors naming the file (safetensors' own name none)."""
     from safetensors import safe_open
 
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint shard {path} does not exist")
+    try:
+        return safe_open(path, framework="flax")
+    except Exception as e:  # SafetensorError: truncated or not a safetensors file
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def load_hf_dir(model_dir: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, Params]:
     model_dir = Path(model_dir)
     cfg = load_hf_config(model_dir)
     files = _hf_tensor_files(model_dir)
@@ -97,8 +114,11 @@ def load_hf_dir(model_dir: str | os.PathLike, dtype: Any = None) -> tuple[ModelC
             raise ValueError(f"checkpoint in {model_dir} is missing tensor {name!r}")
         f = files[name]
         if f not in handles:
-            handles[f] = safe_open(f, framework="flax")
-        return handles[f].get_tensor(name)
+            handles[f] = _open_safetensors(f)
+        try:
+            return handles[f].get_tensor(name)
+        except Exception as e:  # SafetensorError: the data ends early
+            raise ValueError(f"{f}: tensor {name!r} cannot be read: {e}") from None
 
     params = build_params(cfg, get, resolve_dtype(dtype))
     return cfg, params

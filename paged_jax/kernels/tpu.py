@@ -40,6 +40,16 @@ class TpuBlockSizes:
 DEFAULT_BLOCK_SIZES = TpuBlockSizes()
 
 
+def chip_block_sizes() -> TpuBlockSizes:
+    """The block sizes ``tpu_chips`` gives the default device's TPU generation; the defaults
+    off a TPU (the interpreter, and lowering on CPU) or on a generation it does not know."""
+    from paged_jax.kernels.tpu_chips import chip_of  # it imports this module
+
+    device = jax.devices()[0]
+    chip = chip_of(device.device_kind) if device.platform == "tpu" else None
+    return chip.block_sizes if chip is not None else DEFAULT_BLOCK_SIZES
+
+
 def _call_all(*fns) -> None:
     for fn in fns:
         fn()
@@ -198,13 +208,15 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    block_sizes: TpuBlockSizes = DEFAULT_BLOCK_SIZES,
+    block_sizes: TpuBlockSizes | None = None,
     interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
     """Ragged paged attention on TPU (contract: docs/kernels.md); returns q.dtype [T, Hq, D].
 
     `interpret=pltpu.InterpretParams()` runs the kernel in the TPU interpreter (on CPU).
+    ``block_sizes`` None: the table's for this TPU generation (``tpu_chips``), else defaults.
     """
+    block_sizes = block_sizes or chip_block_sizes()
     # q: [T, Hq, D]; k_pages/v_pages: [Hkv, P, page_size, D]; kv_lens: i32[S]
     # page_tables: i32[S, max_pages_per_seq]; cu_q_lens: i32[S+1]; num_seqs: i32[1]
     shape = check_attention_args(

@@ -43,10 +43,12 @@ CHIPS = {
 
 
 def chip_of(device_kind: str) -> TpuChip | None:
-    """The table's entry for a ``jax.Device.device_kind`` ("TPU v5 lite", "TPU v6e", ...)."""
+    """The table's entry for a ``jax.Device.device_kind`` ("TPU v5 lite", "TPU v6 lite", ...)."""
     kind = device_kind.lower().replace(" ", "")
     if "v5lite" in kind or "v5e" in kind:
         return CHIPS["v5e"]
+    if "v6lite" in kind:
+        return CHIPS["v6e"]
     for name in ("v6e", "v5p", "v4"):
         if name in kind or (name == "v5p" and kind.endswith("v5")):
             return CHIPS[name]

@@ -341,13 +341,15 @@ class ModelRunner:
         )
 
     def fill_free_pages(self, page_ids: list[int], value: float = float("nan")) -> None:
-        """Overwrite pages (e.g. every free one) with ``value``: a test hook for stray reads."""
-        idx = jnp.asarray(page_ids, jnp.int32)
-        fill = jax.jit(lambda a: a.at[:, idx].set(value), donate_argnums=0)
+        """Overwrite pages (e.g. every free one) with ``value``: a test hook for stray reads.
+        One compile per page-array shape, whichever pages (it may run before every step)."""
+        mask = np.zeros(self.kv.k_pages[0].shape[1], bool)  # bool[num_pages]
+        mask[np.asarray(page_ids, np.int64)] = True
+        mask = jnp.asarray(mask)
         warmed_up, self.warmed_up = self.warmed_up, False  # not a serving compile
         self.kv = KVState(
-            k_pages=tuple(fill(a) for a in self.kv.k_pages),
-            v_pages=tuple(fill(a) for a in self.kv.v_pages),
+            k_pages=tuple(_fill_pages(a, mask, value) for a in self.kv.k_pages),
+            v_pages=tuple(_fill_pages(a, mask, value) for a in self.kv.v_pages),
             token_pages=self.kv.token_pages,
         )
         self.warmed_up = warmed_up
@@ -372,6 +374,12 @@ class StepOutput(NamedTuple):
     sampled: np.ndarray  # i32[num_seqs]; a burst: i32[num_seqs, burst_len]
     logprobs: dict[str, np.ndarray] | None  # target f32[n], top_ids i32[n, K], top f32[n, K]
     prompt_logprobs: dict[str, np.ndarray] | None  # the same per packed token [num_tokens]
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _fill_pages(pages: jax.Array, mask: jax.Array, value: float) -> jax.Array:
+    # pages: [Hkv, P, page_size, D]; mask: bool[P]
+    return jnp.where(mask[None, :, None, None], jnp.asarray(value, pages.dtype), pages)
 
 
 def _fetch(arrays: dict[str, jax.Array], n: int) -> dict[str, np.ndarray]:
