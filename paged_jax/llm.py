@@ -75,15 +75,24 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs in input order. Validates everything first."""
+        requests = self._queue(prompts, sampling_params)
+        for _ in self._driver.run_until_done(requests, use_tqdm):
+            pass
+        return [r.output() for r in requests]
+
+    def _queue(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+    ) -> list:
+        """Validate every prompt and its params, then queue them all (or none)."""
         self._check_open()
         prompts = as_prompt_list(prompts)
         params_list = as_params_list(sampling_params, len(prompts))
         driver = self._driver
         requests = [driver.make_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
         _add_all(driver, requests)
-        for _ in driver.run_until_done(requests, use_tqdm):
-            pass
-        return [r.output() for r in requests]
+        return requests
 
     def chat(
         self,
@@ -116,13 +125,8 @@ class LLM:
         """``generate``, yielding (input index, output) as each request finishes (a batch
         job writes its results as they come: a kill then loses only the unfinished ones).
         Validates and queues everything before the first step; closing it aborts the rest."""
-        self._check_open()
-        prompts = as_prompt_list(prompts)
-        params_list = as_params_list(sampling_params, len(prompts))
-        driver = self._driver
-        requests = [driver.make_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
-        _add_all(driver, requests)
-        return _as_completed(driver, requests, lambda r: r.output(), use_tqdm)
+        requests = self._queue(prompts, sampling_params)
+        return _as_completed(self._driver, requests, lambda r: r.output(), use_tqdm)
 
     def beam_search_as_completed(
         self, prompts: Sequence[Prompt], params: BeamSearchParams, use_tqdm: bool = True
