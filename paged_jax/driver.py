@@ -20,6 +20,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -155,6 +156,16 @@ class Driver:
             return
         for completion in request.completions:
             self._live[completion.seq.seq_id] = (request, completion)
+
+    def add_all(self, requests: list[Request | BeamRequest]) -> None:
+        """Queue every request, or none: a failure takes back the ones already queued."""
+        try:
+            for r in requests:
+                self.add(r)
+        except BaseException:
+            for r in requests:
+                self.abort(r)
+            raise
 
     def abort(self, request: Request | BeamRequest) -> None:
         """Stop a request now and free its pages (no-op once it finished)."""
@@ -309,3 +320,35 @@ class Driver:
             bar.close()
             for r in requests:  # an interrupted run must not leave pages allocated
                 self.abort(r)
+
+    def iter_completed(
+        self, requests: list[Any], output: Callable[[Any], Any], use_tqdm: bool
+    ) -> Iterator[tuple[int, Any]]:
+        """(index, output(request)) as each of ``requests`` finishes; closing it early aborts
+        the rest."""
+        pending = dict(enumerate(requests))
+        steps = self.run_until_done(requests, use_tqdm)
+        try:
+            for _ in steps:
+                for i in [i for i, r in pending.items() if r.is_finished]:
+                    yield i, output(pending.pop(i))
+            for i, r in pending.items():  # finished during another call's step
+                yield i, output(r)
+        finally:
+            steps.close()
+
+    def stream_text(self, request: Request) -> Iterator[str]:
+        """The request's text piece by piece; queued at the first ``next()`` (a stream never
+        started holds nothing), aborted when the stream is abandoned."""
+        self.add(request)
+        steps = self.run_until_done([request], use_tqdm=False)
+        emitted = 0  # characters yielded; other calls may step the request between two pieces
+        try:
+            for _ in steps:
+                if len(request.text) > emitted:
+                    piece, emitted = request.text[emitted:], len(request.text)
+                    yield piece
+            if len(request.text) > emitted:  # finished during another call's step
+                yield request.text[emitted:]
+        finally:
+            steps.close()

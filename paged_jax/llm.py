@@ -91,7 +91,7 @@ class LLM:
         params_list = as_params_list(sampling_params, len(prompts))
         driver = self._driver
         requests = [driver.make_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
-        _add_all(driver, requests)
+        driver.add_all(requests)
         return requests
 
     def chat(
@@ -126,7 +126,7 @@ class LLM:
         job writes its results as they come: a kill then loses only the unfinished ones).
         Validates and queues everything before the first step; closing it aborts the rest."""
         requests = self._queue(prompts, sampling_params)
-        return _as_completed(self._driver, requests, lambda r: r.output(), use_tqdm)
+        return self._driver.iter_completed(requests, lambda r: r.output(), use_tqdm)
 
     def beam_search_as_completed(
         self, prompts: Sequence[Prompt], params: BeamSearchParams, use_tqdm: bool = True
@@ -138,8 +138,8 @@ class LLM:
             raise ValueError(f"params must be BeamSearchParams, got {type(params).__name__}")
         driver = self._driver
         requests = [driver.make_beam_request(p, params) for p in as_prompt_list(prompts)]
-        _add_all(driver, requests)
-        return _as_completed(driver, requests, lambda r: r.output(self.tokenizer), use_tqdm)
+        driver.add_all(requests)
+        return driver.iter_completed(requests, lambda r: r.output(self.tokenizer), use_tqdm)
 
     def stream(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None
@@ -152,7 +152,7 @@ class LLM:
         if params.n != 1:
             raise ValueError(f"stream() yields one completion: n={params.n} must be 1")
         request = driver.make_request(prompt, params)
-        return _stream_text(driver, request)
+        return driver.stream_text(request)
 
     def beam_search(
         self,
@@ -174,7 +174,7 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts")
         requests = [driver.make_beam_request(p, bp) for p, bp in zip(prompts, params, strict=True)]
-        _add_all(driver, requests)
+        driver.add_all(requests)
         for _ in driver.run_until_done(requests, use_tqdm):
             pass
         return [r.output(self.tokenizer) for r in requests]
@@ -222,48 +222,3 @@ class LLM:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this LLM is closed")
-
-
-def _add_all(driver: Any, requests: list[Any]) -> None:
-    """Queue every request, or none: a failure takes back the ones already queued."""
-    try:
-        for r in requests:
-            driver.add(r)
-    except BaseException:
-        for r in requests:
-            driver.abort(r)
-        raise
-
-
-def _as_completed(
-    driver: Any, requests: list[Any], output: Any, use_tqdm: bool
-) -> Iterator[tuple[int, Any]]:
-    pending = dict(enumerate(requests))
-    steps = driver.run_until_done(requests, use_tqdm)
-    num_unfinished = driver.num_unfinished
-    try:
-        for _ in steps:
-            if driver.num_unfinished == num_unfinished:
-                continue  # nothing finished in this step
-            num_unfinished = driver.num_unfinished
-            for i in [i for i, r in pending.items() if r.is_finished]:
-                yield i, output(pending.pop(i))
-        for i, r in pending.items():  # finished during another call's step
-            yield i, output(r)
-    finally:
-        steps.close()  # aborts what is left when the caller stops early
-
-
-def _stream_text(driver: Any, request: Any) -> Iterator[str]:
-    driver.add(request)  # at the first next(): a stream never started holds nothing
-    steps = driver.run_until_done([request], use_tqdm=False)
-    emitted = 0  # characters yielded; other calls may step the request between two pieces
-    try:
-        for _ in steps:
-            if len(request.text) > emitted:
-                piece, emitted = request.text[emitted:], len(request.text)
-                yield piece
-        if len(request.text) > emitted:  # finished during another call's step
-            yield request.text[emitted:]
-    finally:
-        steps.close()  # aborts the request when the stream is abandoned
