@@ -94,6 +94,7 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
         attn_impl=cfg.attn_impl,
         eos_token_ids=tuple(sorted(eos)),
         mesh=mesh,
+        batch_invariant=cfg.batch_invariant,
     )
     metrics = EngineMetrics(kv_cache)
     driver = Driver(

@@ -43,6 +43,7 @@ class EngineConfig:
     decode_steps: int = 8  # decode bursts: most decode steps per host round trip (1: off)
     seed: int = 0  # seeds unseeded requests (each still gets its own stream)
     tensor_parallel_size: int = 1  # shard the model over this many local devices (runtime/tp)
+    batch_invariant: bool = False  # a request's tokens and logprobs bitwise whatever the batch
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # types first: LLM(**options) skips from_dict

@@ -50,6 +50,7 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     impl: str = "auto",
     decode_only: bool = False,
+    batch_invariant: bool = False,
 ) -> jax.Array:  # impl: one of IMPLS, or what resolve_impl returned
     """Attention of packed q rows over their sequences' KV pages; [T, Hq, D] in q.dtype.
 
@@ -58,10 +59,17 @@ def ragged_paged_attention(
     Rows past cu_q_lens[num_seqs] are padding and come back as 0.
     ``decode_only`` is the caller's promise that every live sequence has q_len 1 and T == S;
     the result is the same, and the GPU kernel uses it to skip its chunk launch.
+    ``batch_invariant``: each row's result bit for bit independent of the other rows, the
+    bucket and whether its sequence's rows arrive as a chunk or one by one (fixed tiles, no
+    batch-dependent split, one kv-block order); reference and gpu only.
     """
     name = impl if impl in _RESOLVED else resolve_impl(impl)
     module = importlib.import_module(f"paged_jax.kernels.{name.removesuffix('_interpret')}")
     extra = {"decode_only": decode_only} if name == "gpu" else {}
+    if batch_invariant:
+        if name not in ("reference", "gpu"):
+            raise ValueError(f"batch_invariant attention needs impl reference or gpu, not {name!r}")
+        extra["block_sizes"] = module.INVARIANT_BLOCK_SIZES
     if name == "tpu_interpret":
         from jax.experimental.pallas import tpu as pltpu
 

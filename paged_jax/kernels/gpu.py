@@ -78,6 +78,14 @@ class GpuBlockSizes:
 
 
 DEFAULT_BLOCK_SIZES = GpuBlockSizes()
+# Batch-invariant mode: the same tile (rows, kv block, warps, stages, one masked loop) for
+# decode rows and chunk rows, no small-batch knobs, no kv split (its count follows the batch)
+# and no Hopper prefill kernel, so a row's reduction order depends on its own position only.
+INVARIANT_BLOCK_SIZES = GpuBlockSizes(
+    decode_kv_tokens=64, decode_warps=4, decode_stages=2, target_programs=0, max_splits=1,
+    small_batch_programs=-1, prefill_kv_tokens=64, prefill_rows=16, prefill_warps=4,
+    prefill_stages=2, split_masks=False, hopper_prefill=False,
+)  # fmt: skip
 
 
 def _pow2_ceil(n: int) -> int:

@@ -34,6 +34,9 @@ class ReferenceBlockSizes:
 
 
 DEFAULT_BLOCK_SIZES = ReferenceBlockSizes()
+# One q row per block: every row takes the one-sequence path with the same shapes whatever the
+# batch, so its result does not depend on its neighbours (the engine's batch-invariant mode).
+INVARIANT_BLOCK_SIZES = ReferenceBlockSizes(block_q=1)
 
 
 def _row_metadata(

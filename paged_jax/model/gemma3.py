@@ -37,6 +37,8 @@ from paged_jax.model.config import (
     parse_rope,
 )
 from paged_jax.model.layers import (
+    RowMap,
+    all_rows,
     apply_rope,
     gated_mlp,
     normal_drawer,
@@ -169,13 +171,13 @@ def forward(
     cache: Any,
     attn_fn: AttnFn,
     all_reduce: Any = None,
+    rows: RowMap = all_rows,
 ) -> tuple[jax.Array, Any]:
     """Run the decoder over packed tokens. Returns the final-normed hidden states and cache.
 
-    ``all_reduce``: as in ``llama.forward`` (tensor parallel: sums ``wo`` / ``w_down`` partials,
-    before the sandwich norms)."""
+    ``all_reduce``, ``rows``: as in ``llama.forward`` (tensor parallel: sums ``wo`` /
+    ``w_down`` partials, before the sandwich norms)."""
     # token_ids, positions: i32[T] -> hidden [T, D]
-    num_tokens = token_ids.shape[0]
     eps = cfg.rms_norm_eps
     reduce = all_reduce or (lambda y: y)
     specs = cfg.attention_specs()
@@ -183,20 +185,29 @@ def forward(
     x = embed[token_ids] * jnp.asarray(cfg.hidden_size**0.5, embed.dtype)  # [T, D]
     for layer_idx, layer in enumerate(params["layers"]):
         inv_freq = rope_inv_freq(cfg.head_dim, specs[layer_idx])
-        qkv = norm(x, layer["attn_norm"], eps) @ layer["wqkv"]  # [T, (Hq + 2 Hkv) Dh]
-        q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
-        q = norm(q.reshape(num_tokens, cfg.num_heads, cfg.head_dim), layer["q_norm"], eps)
-        k = norm(k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim), layer["k_norm"], eps)
-        v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+
+        def qkv_block(x, positions, layer=layer, inv_freq=inv_freq):
+            # x: [t, D]; positions: i32[t] -> q [t, Hq, Dh], k, v [t, Hkv, Dh]
+            num_tokens = x.shape[0]
+            qkv = norm(x, layer["attn_norm"], eps) @ layer["wqkv"]  # [t, (Hq + 2 Hkv) Dh]
+            q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+            q = norm(q.reshape(num_tokens, cfg.num_heads, cfg.head_dim), layer["q_norm"], eps)
+            k = norm(k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim), layer["k_norm"], eps)
+            v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+        def out_block(x, attn, layer=layer):
+            # x: [t, D]; attn: [t, Hq, Dh] -> x [t, D]
+            o = reduce(attn.reshape(x.shape[0], cfg.q_size) @ layer["wo"])
+            x = x + norm(o, layer["post_attn_norm"], eps)
+            h = norm(x, layer["mlp_norm"], eps)
+            h = reduce(gated_mlp(h, layer["w_gate_up"], layer["w_down"], cfg.hidden_act))
+            return x + norm(h, layer["post_mlp_norm"], eps)
+
+        q, k, v = rows(qkv_block, x, positions)
         attn, cache = attn_fn(layer_idx, q, k, v, cache)  # [T, Hq, Dh]
-        o = reduce(attn.reshape(num_tokens, cfg.q_size) @ layer["wo"])
-        x = x + norm(o, layer["post_attn_norm"], eps)
-        h = norm(x, layer["mlp_norm"], eps)
-        h = reduce(gated_mlp(h, layer["w_gate_up"], layer["w_down"], cfg.hidden_act))
-        x = x + norm(h, layer["post_mlp_norm"], eps)
-    return norm(x, params["final_norm"], eps), cache
+        x = rows(out_block, x, attn)
+    return rows(lambda x: norm(x, params["final_norm"], eps), x), cache
 
 
 # ---------------------------------------------------------------- param layout

@@ -1,7 +1,9 @@
 """Layers shared by every model family: RMSNorm (plain and Gemma's ``1 + w``), RoPE (default,
 linear, llama3 and GGUF frequency factors), gated MLPs (SwiGLU, GeGLU), the lm head with an
 optional final soft cap, and a dense causal attention (window and soft cap) for the no-cache
-reference path; and the on-device normal draws of random-weight presets.
+reference path; the on-device normal draws of random-weight presets; and the row maps that
+run a family's per-token blocks either on all rows at once or in fixed-size row tiles (the
+engine's batch-invariant mode).
 
 Letters: T tokens, D hidden, F ffn, V vocab, Hq/Hkv heads, Dh head_dim.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +24,44 @@ from paged_jax.model.config import (
     Llama3RopeScaling,
     llama3_inv_freq_scale,
 )
+
+# rows(fn, *xs): fn applied to the leading (token) axis of the pytrees xs, rows independent
+RowMap = Callable[..., Any]
+
+
+def all_rows(fn: Callable[..., Any], *xs: Any) -> Any:
+    """The plain row map: ``fn`` on every row at once (XLA picks the kernels for the shape)."""
+    return fn(*xs)
+
+
+def row_tiles(tile: int) -> RowMap:
+    """A row map that runs ``fn`` on ``tile`` rows at a time, one tile after the other.
+
+    Every call of ``fn`` then has the same shapes whatever the number of rows, so XLA compiles
+    the same kernels (same tiles, same reduction order) for a 1-token decode and a 2048-token
+    chunk, and a row's result does not depend on the rows packed with it: the batch-invariant
+    mode. Optimization barriers keep the tile's computation from fusing with what surrounds it
+    (which could differ between step buckets). Rows past the last are zero padding."""
+
+    def rows(fn: Callable[..., Any], *xs: Any) -> Any:
+        leaves, tree = jax.tree.flatten(xs)
+        num_rows = leaves[0].shape[0]
+        num_tiles = -(-num_rows // tile)
+        pad = num_tiles * tile - num_rows
+
+        def split(x: jax.Array) -> jax.Array:  # [N, ...] -> [num_tiles, tile, ...]
+            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+            return x.reshape(num_tiles, tile, *x.shape[1:])
+
+        def body(tile_leaves: list[jax.Array]) -> Any:
+            args = jax.tree.unflatten(tree, jax.lax.optimization_barrier(tile_leaves))
+            return jax.lax.optimization_barrier(fn(*args))
+
+        out = jax.lax.map(body, [split(x) for x in leaves])
+        return jax.tree.map(lambda y: y.reshape(num_tiles * tile, *y.shape[2:])[:num_rows], out)
+
+    return rows
+
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,

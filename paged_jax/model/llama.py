@@ -27,6 +27,8 @@ import numpy as np
 
 from paged_jax.model.config import ModelConfig
 from paged_jax.model.layers import (
+    RowMap,
+    all_rows,
     apply_rope,
     gated_mlp,
     lm_head_logits,
@@ -49,40 +51,50 @@ def forward(
     cache: Any,
     attn_fn: AttnFn,
     all_reduce: Callable[[jax.Array], jax.Array] | None = None,
+    rows: RowMap = all_rows,
 ) -> tuple[jax.Array, Any]:
     """Run the decoder over packed tokens. Returns the final-normed hidden states and cache.
 
     ``all_reduce`` sums the partial outputs of ``wo`` and ``w_down`` across tensor-parallel
     shards (``runtime/tp.py``: each shard holds some heads and FFN columns); None: one device.
+    ``rows`` maps the per-token blocks around attention over the rows (``layers.row_tiles``:
+    the batch-invariant mode).
     """
     # token_ids, positions: i32[T] -> hidden [T, D]
-    num_tokens = token_ids.shape[0]
     specs = cfg.attention_specs()
     reduce = all_reduce or (lambda y: y)
     x = params["embed"][token_ids]  # [T, D]
     for layer_idx, layer in enumerate(params["layers"]):
         inv_freq = rope_inv_freq(cfg.head_dim, specs[layer_idx], cfg.rope_freq_factors)
-        h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-        qkv = h @ layer["wqkv"]  # [T, (Hq + 2 Hkv) Dh]
-        if cfg.qkv_bias:
-            qkv = qkv + layer["bqkv"]
-        q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
-        q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
-            k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+
+        def qkv_block(x, positions, layer=layer, inv_freq=inv_freq):
+            # x: [t, D]; positions: i32[t] -> q [t, Hq, Dh], k, v [t, Hkv, Dh]
+            num_tokens = x.shape[0]
+            qkv = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps) @ layer["wqkv"]
+            if cfg.qkv_bias:
+                qkv = qkv + layer["bqkv"]
+            q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+            q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
+            k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            if cfg.qk_norm:
+                q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
+                k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
+            return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+        def out_block(x, attn, layer=layer):
+            # x: [t, D]; attn: [t, Hq, Dh] -> x [t, D]
+            o = reduce(attn.reshape(x.shape[0], cfg.q_size) @ layer["wo"])
+            if cfg.o_bias:
+                o = o + layer["bo"]
+            x = x + o
+            h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
+            return x + reduce(gated_mlp(h, layer["w_gate_up"], layer["w_down"], cfg.hidden_act))
+
+        q, k, v = rows(qkv_block, x, positions)
         attn, cache = attn_fn(layer_idx, q, k, v, cache)  # [T, Hq, Dh]
-        o = reduce(attn.reshape(num_tokens, cfg.q_size) @ layer["wo"])
-        if cfg.o_bias:
-            o = o + layer["bo"]
-        x = x + o
-        h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
-        x = x + reduce(gated_mlp(h, layer["w_gate_up"], layer["w_down"], cfg.hidden_act))
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache
+        x = rows(out_block, x, attn)
+    return rows(lambda x: rms_norm(x, params["final_norm"], cfg.rms_norm_eps), x), cache
 
 
 def compute_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:

@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from paged_jax.engine.plan import StepPlan
 from paged_jax.kernels import resolve_impl
 from paged_jax.model.config import ModelConfig
+from paged_jax.model.layers import all_rows
 from paged_jax.model.llama import Params
 from paged_jax.runtime import tp
 from paged_jax.runtime.buckets import Buckets
@@ -40,7 +41,7 @@ from paged_jax.runtime.controls import STEP_INPUTS, make_process, pack_controls
 from paged_jax.runtime.pack import StepInputs, pack
 from paged_jax.runtime.select import GREEDY, SELECT_INPUTS, SelectMode, make_select, select_mode
 from paged_jax.runtime.state import KVState, copy_pages
-from paged_jax.runtime.step import VARIANTS, StepFn, make_step
+from paged_jax.runtime.step import VARIANTS, StepFn, invariant_rows, make_step
 from paged_jax.runtime.warmup import compile_all
 
 logger = logging.getLogger(__name__)
@@ -103,10 +104,13 @@ class ModelRunner:
         mesh: Mesh | None = None,
         platform: str | None = None,
         kv: KVState | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         """``platform`` (default: this process's) picks the attention kernel; ``kv`` replaces
         the page arrays (e.g. ``jax.ShapeDtypeStruct`` leaves, with abstract params, to lower
-        the executables for another platform without allocating: scripts/lower_tpu.py)."""
+        the executables for another platform without allocating: scripts/lower_tpu.py).
+        ``batch_invariant``: steps and selectors whose rows do not depend on each other
+        (``runtime.step``); reference or gpu attention only."""
         self.cfg = cfg
         self.params = params
         self.page_size = page_size
@@ -120,11 +124,16 @@ class ModelRunner:
         if self.attn_impl == "tpu_interpret":
             logger.warning("attn_impl='tpu' off a TPU: the Mosaic kernel runs in the TPU "
                            "interpreter, for checking, not for speed")  # fmt: skip
+        self.batch_invariant = batch_invariant
+        rows = invariant_rows(self.attn_impl) if batch_invariant else all_rows
         self._steps = {
             variant: jax.jit(
                 self._make_step(
-                    attn_impl=self.attn_impl, eos_token_ids=eos_token_ids, variant=variant
-                ),
+                    attn_impl=self.attn_impl,
+                    eos_token_ids=eos_token_ids,
+                    variant=variant,
+                    batch_invariant=batch_invariant,
+                ),  # fmt: skip
                 donate_argnums=(1,),
             )
             for variant in VARIANTS
@@ -135,7 +144,7 @@ class ModelRunner:
         self._copy = jax.jit(copy_pages, donate_argnums=(0,))
         self._process = jax.jit(make_process(eos_token_ids, cfg.vocab_size))
         self._select = functools.partial(make_select, eos_token_ids=eos_token_ids,
-                                         vocab_size=cfg.vocab_size)  # fmt: skip
+                                         vocab_size=cfg.vocab_size, rows=rows)  # fmt: skip
         self._executables: dict[ExecutableKey, Any] = {}
         self.warmup_seconds: dict[ExecutableKey, float] = {}
         self.warmed_up = False

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from paged_jax.engine.plan import StepPlan
 from paged_jax.engine.sampling_params import MAX_LOGPROBS
+from paged_jax.model.layers import RowMap, all_rows
 from paged_jax.model.sampler import sample
 
 SELECT_INPUTS = (
@@ -76,16 +77,22 @@ def top_logprobs(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
     return {"target": target, "rank": rank, "top_ids": top_ids.astype(jnp.int32), "top": top}
 
 
-def make_select(mode: SelectMode, eos_token_ids: tuple[int, ...], vocab_size: int) -> Callable:
+def make_select(
+    mode: SelectMode,
+    eos_token_ids: tuple[int, ...],
+    vocab_size: int,
+    rows: RowMap = all_rows,
+) -> Callable:
     """``select(logits, raw, greedy, inputs) -> {"sampled", ["logprobs"]}`` for one mode.
 
     logits f32[S, V] (after ``runtime.controls`` when a row set some, else raw); raw f32[S, V]
     (the model's, which logprobs report, as vLLM's default "raw_logprobs"); greedy i32[S] (the
-    argmax of ``logits``); inputs: the SELECT_INPUTS arrays of the step.
+    argmax of ``logits``); inputs: the SELECT_INPUTS arrays of the step. ``rows``: the row
+    map (``layers.row_tiles`` in batch-invariant mode: every row is independent here).
     """
     eos_ids = jnp.asarray([t for t in eos_token_ids if 0 <= t < vocab_size], jnp.int32)
 
-    def select(logits: jax.Array, raw: jax.Array, greedy: jax.Array, inputs: dict[str, Any]):
+    def select_rows(logits, raw, greedy, inputs):
         sampled = greedy
         if mode.draw:
             sampled = sample(
@@ -102,5 +109,9 @@ def make_select(mode: SelectMode, eos_token_ids: tuple[int, ...], vocab_size: in
         if mode.logprobs:  # under the raw model distribution
             out["logprobs"] = top_logprobs(raw, sampled)
         return out
+
+    def select(logits: jax.Array, raw: jax.Array, greedy: jax.Array, inputs: dict[str, Any]):
+        chosen = {k: inputs[k] for k in SELECT_INPUTS}  # [S] each: split into row tiles
+        return rows(select_rows, logits, raw, greedy, chosen)
 
     return select
