@@ -19,6 +19,7 @@ from paged_jax.engine.scheduler import Scheduler, SchedulerConfig
 from paged_jax.io.loader import RANDOM_PREFIX, LoadedModel, load_model
 from paged_jax.io.tokenizer import Tokenizer
 from paged_jax.io.weights import resolve_dtype
+from paged_jax.kernels import resolve_page_size
 from paged_jax.metrics import EngineMetrics
 from paged_jax.model.config import ModelConfig
 from paged_jax.model.presets import param_bytes, preset_config
@@ -52,23 +53,24 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
     max_model_len = cfg.max_model_len or model_config.max_position_embeddings
     _check_model(cfg, model_config, loaded.tokenizer)
     kv_dtype = resolve_dtype(cfg.dtype if cfg.kv_dtype == "auto" else cfg.kv_dtype)
+    page_size = resolve_page_size(cfg.page_size)  # unset: the TPU chip table's, else 16
     num_pages = cfg.num_pages or num_pages_for_budget(
         tp.local_config(model_config, cfg.tensor_parallel_size),
-        page_size=cfg.page_size,
+        page_size=page_size,
         dtype=kv_dtype,
         memory_fraction=cfg.kv_memory_fraction,
         cpu_bytes=cfg.kv_cpu_bytes,
         devices=None if mesh is None else list(mesh.devices.flat),
     )
-    if cfg.num_pages is None and num_pages < 1 + -(-max_model_len // cfg.page_size):
-        per_page = bytes_per_page(model_config, cfg.page_size, kv_dtype)
+    if cfg.num_pages is None and num_pages < 1 + -(-max_model_len // page_size):
+        per_page = bytes_per_page(model_config, page_size, kv_dtype)
         budget = "kv_memory_fraction" if free_device_bytes() is not None else "kv_cpu_bytes"
         raise ValueError(
             f"the KV budget ({budget}={getattr(cfg, budget)}) holds {num_pages} pages of "
-            f"{per_page} bytes (page_size={cfg.page_size}), fewer than the "
-            f"{1 + -(-max_model_len // cfg.page_size)} that one max_model_len={max_model_len} "
+            f"{per_page} bytes (page_size={page_size}), fewer than the "
+            f"{1 + -(-max_model_len // page_size)} that one max_model_len={max_model_len} "
             f"sequence needs (page 0 is reserved): at most "
-            f"{max(num_pages - 1, 0) * cfg.page_size} tokens would fit; raise {budget}, or "
+            f"{max(num_pages - 1, 0) * page_size} tokens would fit; raise {budget}, or "
             "lower max_model_len"
         )
     scheduler_config = SchedulerConfig(
@@ -78,7 +80,7 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
         reserve_full=cfg.reserve_full,
         decode_steps=cfg.decode_steps,
     )
-    kv_cache = KVCacheManager(num_pages, cfg.page_size, cfg.enable_prefix_caching)
+    kv_cache = KVCacheManager(num_pages, page_size, cfg.enable_prefix_caching)
     eos = set(model_config.eos_token_ids)
     if loaded.tokenizer is not None:
         eos |= set(loaded.tokenizer.eos_token_ids)
@@ -87,7 +89,7 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
         model_config,
         loaded.params,
         num_pages=num_pages,
-        page_size=cfg.page_size,
+        page_size=page_size,
         max_pages_per_seq=kv_cache.pages_for(max_model_len),
         buckets=Buckets.create(cfg.max_num_batched_tokens, cfg.max_num_seqs),
         kv_dtype=kv_dtype,

@@ -26,7 +26,7 @@ class EngineConfig:
     model: str = "smollm2-135m"  # bundled alias, HF directory or .gguf path
     dtype: str = "auto"  # params: auto (bf16 on GPU/TPU, f32 on CPU), float32, bfloat16, float16
     kv_dtype: str = "auto"  # KV pages: auto = the params' dtype
-    page_size: int = 16
+    page_size: int | None = None  # None: the chip table's on TPU (kernels/tpu_chips), else 16
     num_pages: int | None = None  # None: derive from the memory budget below
     kv_memory_fraction: float = 0.9  # of free accelerator memory after weights
     kv_cpu_bytes: int = 512 * 2**20  # KV byte budget on CPU
@@ -56,7 +56,7 @@ class EngineConfig:
             "decode_steps",
             "tensor_parallel_size",
         ):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_num_batched_tokens < MIN_STEP_TOKENS:
             raise ValueError(

@@ -4,6 +4,7 @@
 TPU kernel on TPU, the Pallas GPU kernel on GPU, the plain-jnp reference elsewhere (CPU).
 `write_kv` is the same scatter on every backend (XLA updates donated pages in place).
 Backends are imported on first use, so importing this package never pulls in Pallas.
+`resolve_page_size` gives the engine's default KV page size per platform and TPU generation.
 """
 
 from __future__ import annotations
@@ -18,7 +19,36 @@ IMPLS = ("auto", "reference", "tpu", "gpu")
 _RESOLVED = ("reference", "tpu", "gpu", "tpu_interpret")  # what resolve_impl returns
 _AUTO = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
 
-__all__ = ["IMPLS", "ragged_paged_attention", "resolve_impl", "write_kv"]
+DEFAULT_PAGE_SIZE = 16  # CPU, GPU, and a TPU generation the chip table does not know
+
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "IMPLS",
+    "ragged_paged_attention",
+    "resolve_impl",
+    "resolve_page_size",
+    "write_kv",
+]
+
+
+def resolve_page_size(
+    page_size: int | None = None, platform: str | None = None, device_kind: str = ""
+) -> int:
+    """The KV page size the engine uses: ``page_size`` when set (a user's value always wins),
+    else on TPU the chip table's for ``device_kind`` (``tpu_chips``: "TPU v6 lite", or a
+    table name such as "v5e"), else DEFAULT_PAGE_SIZE. ``platform`` None: this process's
+    default device (its platform and device kind)."""
+    if page_size is not None:
+        return page_size
+    if platform is None:
+        device = jax.devices()[0]
+        platform, device_kind = device.platform, device.device_kind
+    if platform != "tpu":
+        return DEFAULT_PAGE_SIZE
+    from paged_jax.kernels.tpu_chips import chip_of  # imports Pallas: only when on TPU
+
+    chip = chip_of(device_kind)
+    return DEFAULT_PAGE_SIZE if chip is None else chip.page_size
 
 
 def resolve_impl(impl: str = "auto", platform: str | None = None) -> str:

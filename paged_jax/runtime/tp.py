@@ -19,7 +19,8 @@ KV pages ``[Hkv, P, page_size, Dh]`` are sharded on axis 0, so each device's att
 reads only its own heads. When ``tp > Hkv`` each kv head is stored on ``tp / Hkv`` devices (as
 vLLM does): shard ``i`` holds kv head ``i // (tp / Hkv)`` and the global page array has ``tp``
 heads. A param is placed with ``jax.make_array_from_callback`` straight from its one host copy:
-each device receives only its shard.
+each device receives only its shard. ``abstract_params`` / ``abstract_kv`` give the same global
+shapes and shardings as ``jax.ShapeDtypeStruct`` leaves (lowering for TPU: scripts/lower_tpu.py).
 """
 
 from __future__ import annotations
@@ -159,8 +160,7 @@ def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
             return jax.device_put(leaf, NamedSharding(mesh, P()))
         axis, indices = rules[name]
         host = np.asarray(leaf)  # the one host copy (a view of a CPU array)
-        width = len(np.arange(host.shape[axis])[indices(0)])
-        shape = tuple(tp * width if d == axis else n for d, n in enumerate(host.shape))
+        shape, width = _global_shape(host.shape, axis, indices, tp)
 
         def shard(index: tuple[slice, ...]) -> np.ndarray:
             i = (index[axis].start or 0) // width
@@ -168,6 +168,33 @@ def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
 
         sharding = NamedSharding(mesh, _spec(host.ndim, axis))
         return jax.make_array_from_callback(shape, sharding, shard)
+
+    return _map_named(place, params)
+
+
+def _global_shape(
+    shape: tuple[int, ...], axis: int, indices: Callable[[int], Any], tp: int
+) -> tuple[tuple[int, ...], int]:
+    """(the placed array's global shape, one shard's width on ``axis``): re-laid shards can be
+    wider in total than the loaded axis (kv heads stored on several devices)."""
+    width = len(np.arange(shape[axis])[indices(0)])
+    return tuple(tp * width if d == axis else n for d, n in enumerate(shape)), width
+
+
+def abstract_params(params: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
+    """What ``shard_params`` would place, as shapes only: a ``jax.ShapeDtypeStruct`` per param
+    (``params`` may be shapes too, e.g. from ``jax.eval_shape``) with its global shape and its
+    sharding, to lower the tensor-parallel executables without weights or devices' memory."""
+    tp = mesh.shape[AXIS]
+    rules = _shard_indices(cfg, tp)
+
+    def place(name: str, leaf: Any) -> jax.ShapeDtypeStruct:
+        if name not in rules:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated(mesh))
+        axis, indices = rules[name]
+        shape = _global_shape(leaf.shape, axis, indices, tp)[0]
+        sharding = NamedSharding(mesh, _spec(len(shape), axis))
+        return jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=sharding)
 
     return _map_named(place, params)
 
@@ -183,6 +210,20 @@ def create_kv(cfg: ModelConfig, mesh: Mesh, num_pages: int, page_size: int, dtyp
     return KVState.create(
         cfg, num_pages, page_size, dtype, num_kv_heads=heads, sharding=NamedSharding(mesh, P(AXIS))
     )
+
+
+def abstract_kv(
+    cfg: ModelConfig, mesh: Mesh, num_pages: int, page_size: int, dtype: Any
+) -> KVState:
+    """``create_kv``'s pages as ``jax.ShapeDtypeStruct`` leaves with their shardings."""
+    size = mesh.shape[AXIS]
+    heads = size * local_config(cfg, size).num_kv_heads
+    pages = jax.ShapeDtypeStruct(  # [tp * local Hkv, P, page_size, Dh]
+        (heads, num_pages, page_size, cfg.head_dim), dtype, sharding=NamedSharding(mesh, P(AXIS))
+    )
+    tokens = jax.ShapeDtypeStruct((num_pages, page_size), np.int32, sharding=replicated(mesh))
+    layers = (pages,) * cfg.num_layers
+    return KVState(k_pages=layers, v_pages=layers, token_pages=tokens)
 
 
 def make_tp_step(cfg: ModelConfig, mesh: Mesh, params: Params, **step_options: Any) -> StepFn:
