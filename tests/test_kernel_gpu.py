@@ -99,6 +99,12 @@ def test_interpret_small_tiles(name: str, window: int | None) -> None:
     _check(spec, interpret=True, block_sizes=SMALL_TILE_SIZES[name])
 
 
+def test_interpret_batch_invariant_tiles() -> None:
+    # one tile for decode and chunk rows, no split, no small-batch knobs (batch_invariant=True)
+    spec = mixed_spec(8, 8, 2, 64, "float32", pages_per_seq=6, seed=11, sliding_window=13)
+    _check(spec, interpret=True, block_sizes=gpu.INVARIANT_BLOCK_SIZES)
+
+
 def test_rejects_non_power_of_two_page_size() -> None:
     case = make_case(decode_spec(12, 4, 2, 64, "float32"))
     with pytest.raises(ValueError, match="page_size"):
@@ -150,6 +156,7 @@ GPU_VARIANTS = [
     gpu.GpuBlockSizes(decode_kv_tokens=64, prefill_rows=128, prefill_warps=8, prefill_stages=3),
     gpu.GpuBlockSizes(prefill_kv_tokens=128, prefill_rows=128, prefill_warps=4),
     gpu.GpuBlockSizes(split_masks=False, prefetch_pages=False),
+    gpu.INVARIANT_BLOCK_SIZES,  # the engine's batch_invariant mode
 ]
 
 

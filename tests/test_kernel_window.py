@@ -5,7 +5,8 @@ prefill chunks that straddle the window edge (the chunk's first rows still see a
 rows no longer see), decode rows just inside / outside, and the Gemma 3 head shape (head_dim 256,
 one kv head). The reference runs the whole matrix; TPU interpret mode (about 1 ms per DMA) and
 the GPU kernel's interpret mode one case each (test_kernel_{tpu,gpu}.py hold more); a GPU runs
-the whole matrix (``-m gpu``).
+three (``-m gpu``: each window is a static kernel argument, so each case is a ~10 s compile):
+a window of one token, a window past a page with soft cap in bf16, and the Gemma 3 shape.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ needs_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a C
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("spec", MATRIX, ids=spec_id)
+@pytest.mark.parametrize("spec", [MATRIX[0], MATRIX[6], MATRIX[7]], ids=spec_id)
 def test_gpu(spec: CaseSpec) -> None:
     _check(gpu.ragged_paged_attention, spec)
 
