@@ -19,7 +19,7 @@ from paged_jax.engine.scheduler import Scheduler, SchedulerConfig
 from paged_jax.io.loader import RANDOM_PREFIX, LoadedModel, load_model
 from paged_jax.io.tokenizer import Tokenizer
 from paged_jax.io.weights import resolve_dtype
-from paged_jax.kernels import resolve_page_size
+from paged_jax.kernels import resolve_impl, resolve_page_size
 from paged_jax.metrics import EngineMetrics
 from paged_jax.model.config import ModelConfig
 from paged_jax.model.presets import param_bytes, preset_config
@@ -27,7 +27,7 @@ from paged_jax.runtime import tp
 from paged_jax.runtime.buckets import Buckets
 from paged_jax.runtime.runner import ModelRunner, enable_compilation_cache
 from paged_jax.runtime.state import bytes_per_page, free_device_bytes, num_pages_for_budget
-from paged_jax.runtime.step import VARIANTS
+from paged_jax.runtime.step import VARIANTS, invariant_rows
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
     """Load the model, size the KV pool, wire the pieces and warm up (when configured)."""
     if cfg.compilation_cache_dir:
         enable_compilation_cache(cfg.compilation_cache_dir)
+    if cfg.batch_invariant:  # before loading: a clear error, not a failure after minutes
+        invariant_rows(resolve_impl(cfg.attn_impl))
     loaded, mesh = _load_placed(cfg)
     model_config = loaded.config
     max_model_len = cfg.max_model_len or model_config.max_position_embeddings
