@@ -124,8 +124,10 @@ def test_beams_share_pages(big):
 
 
 def test_tiny_pool_preempts_and_gives_the_same_beams(big, tiny):
-    prompts = [prompt_of(60 + i, length) for i, length in enumerate([40, 25, 51, 12])]
-    params = BeamSearchParams(beam_width=3, max_tokens=16, ignore_eos=True)
+    # each group fits the 12 usable pages even with its beams fully diverged; together they
+    # do not, so groups preempt each other
+    prompts = [prompt_of(60 + i, length) for i, length in enumerate([41, 25, 51, 12])]
+    params = BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True)
     want = big.beam_search(prompts, params, use_tqdm=False)
     before = tiny.stats()["preemptions"]
     got = tiny.beam_search(prompts, params, use_tqdm=False)
@@ -136,6 +138,21 @@ def test_tiny_pool_preempts_and_gives_the_same_beams(big, tiny):
             assert abs(a.score - b.score) < 1e-4
     assert_idle(tiny)
     assert_idle(big)
+
+
+def test_beams_that_could_outgrow_the_pool_are_refused(tiny):
+    """Beams that diverge right after the prompt each hold their own pages: a group that could
+    need more than the pool alone would preempt itself forever, so it is refused up front."""
+    with pytest.raises(ValueError, match=r"beam_width=3 .* need 13 KV pages"):
+        tiny.beam_search([prompt_of(73, 40)], BeamSearchParams(beam_width=3, max_tokens=16),
+                         use_tqdm=False)  # fmt: skip
+    assert_idle(tiny)
+    # the same prompt with fewer tokens to go fits (4 + 3 * 2 pages) and runs
+    (out,) = tiny.beam_search([prompt_of(73, 40)],
+                              BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True),
+                              use_tqdm=False)  # fmt: skip
+    assert [len(t) for t in beams(out)] == [8, 8, 8]
+    assert_idle(tiny)
 
 
 def test_validation(big):

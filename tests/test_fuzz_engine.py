@@ -122,8 +122,8 @@ def beam_pages(num_prompt_tokens, max_tokens, width, page_size, max_model_len) -
 def build(spec: dict, prefixes: list[list[int]], max_model_len: int, page_size: int,
           num_pages: int):  # fmt: skip
     """The prompt and params of one spec (clipped to fit max_model_len; beams also to fit the
-    pool at full divergence: below that the engine admits them but they may preempt each
-    other forever, a known limit, see ``Scheduler.check_group_fits``)."""
+    pool at full divergence: below that the engine refuses them, see
+    ``Scheduler.check_group_fits``)."""
     rng = np.random.default_rng(spec["tail_seed"])
     head = prefixes[spec["prefix"]] if spec["prefix"] >= 0 else []
     prompt = (head + rng.integers(0, VOCAB, size=spec["tail_len"]).tolist()) or [5]

@@ -141,21 +141,18 @@ class Scheduler:
     def check_group_fits(
         self, num_prompt_tokens: int, max_tokens: int, num_members: int, name: str = "n"
     ) -> None:
-        """ValueError when the KV pool cannot hold a group where all its members need pages at
-        once. Completions (``n``) decode side by side, so they may all need their full length
-        in the same step: below that a group alone preempts itself and recomputes forever.
-        Beams mostly share their pages: they are checked at the fork, where each computes the
-        prompt's last token (a pool that holds that but not beams which diverge to full
-        length can still preempt forever). Members share the prompt's full pages but the
-        last."""
+        """ValueError when the KV pool cannot hold a group whose members all need their own
+        pages at once. A group runs whole, so below that it alone preempts itself and recomputes
+        forever. Completions (``n``) decode side by side and may all reach full length in the
+        same step; beams mostly share pages, but they can diverge right after the prompt and
+        each hold its own pages to full length, so they are checked at that bound too. Members
+        share the prompt's full pages but the last."""
         kv = self.kv_cache
         if num_members < 2:
             return  # one sequence of max_model_len always fits (checked in __init__)
         # K/V of every token but the last one sampled; the prompt's last token always computes
         end = min(num_prompt_tokens + max_tokens, self.config.max_model_len)
-        num_kv_tokens = (
-            num_prompt_tokens if name == "beam_width" else max(num_prompt_tokens, end - 1)
-        )
+        num_kv_tokens = max(num_prompt_tokens, end - 1)
         shared = (num_prompt_tokens - 1) // kv.page_size
         need = shared + num_members * (kv.pages_for(num_kv_tokens) - shared)
         if need > kv.num_usable_pages:
