@@ -49,10 +49,15 @@ CATEGORIES = (
 )
 
 
-def decode_inputs(rng, cfg, batch: int, ctx: int, page_size: int, num_pages: int) -> dict:
+def decode_inputs(
+    rng, cfg, batch: int, ctx: int, page_size: int, num_pages: int, max_model_len: int = 0
+) -> dict:
     pages_per_seq = -(-ctx // page_size)
     perm = rng.permutation(np.arange(1, num_pages))[: batch * pages_per_seq]
     tables = perm.reshape(batch, pages_per_seq).astype(np.int32)  # i32[S, pages_per_seq]
+    # page-table columns of an engine at max_model_len (the rest point at NULL_PAGE)
+    extra = max(0, -(-max_model_len // page_size) - pages_per_seq)
+    tables = np.pad(tables, ((0, 0), (0, extra)))
     last = ctx - 1
     inputs = StepInputs(
         token_ids=rng.integers(0, cfg.vocab_size, batch, dtype=np.int32),
@@ -76,7 +81,7 @@ def decode_inputs(rng, cfg, batch: int, ctx: int, page_size: int, num_pages: int
     return {k: jnp.asarray(v) for k, v in dataclasses.asdict(inputs).items()}
 
 
-def build(cfg, variant: str, params, kv, inputs):
+def build(cfg, variant: str, params, kv, inputs, impl: str = "auto"):
     """The step compiled as the engine runs a decode step (``full``: the ``decode`` variant;
     ``plain``: the general one), or with attention (and the K/V write) swapped out."""
     saved = (step_module.ragged_paged_attention, step_module.write_kv)
@@ -85,7 +90,9 @@ def build(cfg, variant: str, params, kv, inputs):
     if variant == "no_kv":
         step_module.write_kv = lambda k_pages, v_pages, *a: (k_pages, v_pages)
     try:  # traced while patched
-        fn = step_module.make_step(cfg, variant="plain" if variant == "plain" else "decode")
+        fn = step_module.make_step(
+            cfg, attn_impl=impl, variant="plain" if variant == "plain" else "decode"
+        )
         return jax.jit(fn, donate_argnums=(1,)).lower(params, kv, inputs).compile()
     finally:
         step_module.ragged_paged_attention, step_module.write_kv = saved
@@ -97,7 +104,8 @@ def random_kv(cfg, num_pages: int, page_size: int, dtype) -> KVState:
     fill = jax.jit(lambda key: jax.random.normal(key, shape, dtype))
     keys = jax.random.split(jax.random.key(1), 2 * cfg.num_layers)
     pages = [fill(k) for k in keys]
-    return KVState(tuple(pages[: cfg.num_layers]), tuple(pages[cfg.num_layers :]))
+    token_pages = jnp.zeros((num_pages, page_size), jnp.int32)
+    return KVState(tuple(pages[: cfg.num_layers]), tuple(pages[cfg.num_layers :]), token_pages)
 
 
 def time_step(fn, params, kv, inputs, steps: int, rounds: int = 3):
@@ -154,6 +162,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="weights and K/V (float32 on CPU)")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--limit-bytes", type=int, default=0, help="default 4 GiB GPU, 256 MiB CPU")
+    ap.add_argument("--impl", default="auto", help="attention backend (kernels.IMPLS)")
+    ap.add_argument("--max-model-len", type=int, default=0, help="page-table width (default ctx)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -164,19 +174,20 @@ def main() -> None:
     num_pages = args.batch * -(-args.ctx // args.page_size) + 2
     kv = random_kv(cfg, num_pages, args.page_size, dtype)
     inputs = decode_inputs(np.random.default_rng(0), cfg, args.batch, args.ctx,
-                           args.page_size, num_pages)  # fmt: skip
+                           args.page_size, num_pages, args.max_model_len)  # fmt: skip
     kv_bytes = 2 * cfg.num_layers * args.batch * args.ctx * cfg.kv_size * dtype.itemsize
     on_gpu = jax.devices()[0].platform == "gpu"
     limit = streaming_limit(args.limit_bytes or (4 * 2**30 if on_gpu else 256 * 2**20))
     limit_bw = limit["bytes_per_s"]
     times = {}
     for variant in ("full", "plain", "no_attention", "no_kv"):
-        fn = build(cfg, variant, params, kv, inputs)
+        fn = build(cfg, variant, params, kv, inputs, args.impl)
         times[variant], kv = time_step(fn, params, kv, inputs, args.steps)
     result = {
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "model": args.model,
+        "impl": args.impl,
         "batch": args.batch,
         "ctx": args.ctx,
         "limit_tbps": limit_bw / 1e12,
@@ -194,7 +205,7 @@ def main() -> None:
     if args.trace:
         trace_dir = args.out / "trace"
         steps = 5
-        fn = build(cfg, "full", params, kv, inputs)
+        fn = build(cfg, "full", params, kv, inputs, args.impl)
         kv, out = fn(params, kv, inputs)
         jax.block_until_ready(out)
         with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
@@ -207,7 +218,8 @@ def main() -> None:
             result["trace"] = {"error": f"{type(e).__name__}: {e}"}
     (args.out / "profile.json").write_text(json.dumps(result, indent=1))
     lines = [
-        f"{result['device']} jax {result['jax']}: {args.model}, decode batch {args.batch} "
+        f"{result['device']} jax {result['jax']}: {args.model} ({args.impl}), decode batch "
+        f"{args.batch} "
         f"x ctx {args.ctx}; limit {limit_bw / 1e12:.2f} TB/s",
         f"weights {result['weight_gb']:.2f} GB, K/V read {result['kv_read_gb']:.2f} GB, floor "
         f"{result['floor_ms']:.2f} ms",
