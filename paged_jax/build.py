@@ -95,6 +95,7 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
         eos_token_ids=tuple(sorted(eos)),
         mesh=mesh,
     )
+    runner.feeds_bursts = cfg.async_scheduling
     metrics = EngineMetrics(kv_cache)
     driver = Driver(
         scheduler,
@@ -104,6 +105,7 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
         tokenizer=loaded.tokenizer,
         model_name=cfg.model,
         default_seed=cfg.seed,
+        async_scheduling=cfg.async_scheduling,
     )
     warmup_seconds = 0.0
     if cfg.warmup:
@@ -111,6 +113,7 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
             logprobs=cfg.warmup_logprobs,
             decode_bursts=cfg.decode_steps > 1,
             progress=cfg.warmup_progress,
+            async_scheduling=cfg.async_scheduling,
         )
         logger.info(
             "warmup compiled %d executables in %.1fs (persistent cache: %s)",
