@@ -129,12 +129,12 @@ class Stepper:
         """Token masks (the grammars have seen every token before this step's), the
         selection, and the scheduler's launch."""
         if launched.masks_later:
-            start = time.perf_counter()
+            token_masks = self.d.token_masks
+            before = token_masks.seconds
             masks = self._token_masks(launched.plan)
-            seconds = time.perf_counter() - start
             # hidden: the forward was still running when the masks were done
-            hidden = not launched.inflight.ready()
-            self.d.token_masks.hidden_seconds += seconds * hidden
+            if not launched.inflight.ready():
+                token_masks.hidden_seconds += token_masks.seconds - before
             self.d.runner.select(launched.inflight, masks)
         self.d.scheduler.launch(launched.plan)
 

@@ -13,7 +13,7 @@ Two parts, one JSON line per case and a markdown table (``--out``):
 
     PYTHONPATH=$PWD python scripts/bench_async.py --model random:llama-1b   # on the GPU
     PYTHONPATH=$PWD python scripts/bench_async.py --model random:tiny --num-requests 256 \\
-        --part throughput masks                                              # on a CPU
+        --part throughput,masks max_num_batched_tokens=512 max_model_len=512  # on a CPU
 
 A random model has no tokenizer: part 2 is then skipped (say ``--mask-model`` to pick one).
 """
@@ -105,6 +105,10 @@ def masks(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def to_markdown(rows: list[dict]) -> str:
     out = []
     for part in ("throughput", "masks"):
@@ -114,7 +118,7 @@ def to_markdown(rows: list[dict]) -> str:
         keys = [k for k in sel[0] if k not in ("part", "tokens_sha1")]
         out.append("| " + " | ".join(keys) + " |")
         out.append("|" + " --- |" * len(keys))
-        out += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in sel]
+        out += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in sel]
         out.append("")
     return "\n".join(out)
 
@@ -124,13 +128,15 @@ def main() -> None:
     ap.add_argument("--model", default="random:llama-1b")
     ap.add_argument("--num-requests", type=int, default=None, help="default: the bench's 1000")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--decode-steps", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--part", nargs="+", default=["throughput"], choices=("throughput", "masks"))
+    ap.add_argument("--decode-steps", default="1,8", help="comma-separated cases")
+    ap.add_argument("--part", default="throughput", help="throughput, masks or both (comma)")
     ap.add_argument("--mask-model", default="smollm2-135m")
     ap.add_argument("--mask-seqs", type=int, default=16)
     ap.add_argument("--out", default=None, help="markdown file for the table")
     ap.add_argument("overrides", nargs="*", help="engine key=value overrides for the bench")
     args = ap.parse_args()
+    args.decode_steps = [int(x) for x in args.decode_steps.split(",")]
+    args.part = args.part.split(",")
     rows = (throughput(args) if "throughput" in args.part else []) + (
         masks(args) if "masks" in args.part else []
     )
