@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import logging
 import platform
@@ -165,8 +166,11 @@ def _timeline_metrics(llm: Any, limit_bytes_per_s: float | None) -> dict[str, An
     sums = {p: float(np.sum([getattr(r, p) for r in steps])) for p in parts}
     sums["other_s"] = float(step_s.sum()) - sum(sums.values())
     means = {p: v / num_steps for p, v in sums.items()}  # per engine step
-    # Host-only work: the device is idle meanwhile (each record waits for its samples).
-    host_s = sums["schedule_s"] + sums["pack_s"] + sums["update_s"] + sums["other_s"]
+    # Host-only time: the device waited for the host (``StepRecord.idle_s``, an upper bound;
+    # without async scheduling about schedule + pack + update + other). Host work is the
+    # host's own share, hidden behind the device's when async scheduling overlaps them.
+    host_s = float(np.sum([r.idle_s for r in steps]))
+    work_s = sums["schedule_s"] + sums["pack_s"] + sums["update_s"] + sums["other_s"]
     # A decode step reads every weight once except the embedding table, of which it gathers
     # a few rows (tied embeddings are read whole, as the lm head).
     weight_bytes = stats["param_bytes"]
@@ -188,6 +192,7 @@ def _timeline_metrics(llm: Any, limit_bytes_per_s: float | None) -> dict[str, An
         mbu_device = decode_bytes / device_s / limit_bytes_per_s
     return {
         "host_overhead_share": host_s / float(step_s.sum()),
+        "host_work_share": max(0.0, work_s) / float(step_s.sum()),
         "dispatch_share": sums["dispatch_s"] / float(step_s.sum()),
         "step_mean_s": float(step_s.sum()) / num_steps,
         "step_component_mean_s": means,
@@ -376,6 +381,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         **_timeline_metrics(llm, copy["bytes_per_s"] if copy else None),
         "copy": copy,
         "compiles_after_warmup": stats["compiles_after_warmup"],
+        # the output tokens, in input order: equal digests = the same tokens (async on / off)
+        "tokens_sha1": hashlib.sha1(
+            np.concatenate([np.asarray(o.outputs[0].token_ids, np.int64) for o in outputs])
+        ).hexdigest(),
         "warmup_seconds": llm.warmup_seconds,
         "warmup_buckets": stats["warmup_steps"],
         "load_seconds": stats["load_seconds"],
@@ -423,8 +432,9 @@ def to_markdown(r: dict[str, Any]) -> str:
         ("streaming limit (GB/s; copy / read)", _limit(r["copy"])),
         ("decode steps (in bursts), mean sequences",
          f"{dec['steps']} ({dec['bursts']}), {dec['mean_num_seqs']:.1f}"),
-        ("host-only / dispatch share of step time",
-         f"{r['host_overhead_share']:.3f} / {r['dispatch_share']:.3f}"),
+        ("host-only (device idle) / host work / dispatch share of step time",
+         f"{r['host_overhead_share']:.3f} / {r['host_work_share']:.3f} / "
+         f"{r['dispatch_share']:.3f}"),
         ("step mean (ms) and components", f"{1e3 * r['step_mean_s']:.2f}: {comps}"),
         ("three biggest step costs", ", ".join(k[:-2] for k in r["biggest_step_costs"])),
         ("compiles after warmup", str(r["compiles_after_warmup"])),

@@ -100,6 +100,7 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
         mesh=mesh,
         batch_invariant=cfg.batch_invariant,
     )
+    runner.feeds_bursts = cfg.async_scheduling
     metrics = EngineMetrics(kv_cache)
     driver = Driver(
         scheduler,
@@ -109,6 +110,7 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
         tokenizer=loaded.tokenizer,
         model_name=cfg.model,
         default_seed=cfg.seed,
+        async_scheduling=cfg.async_scheduling,
     )
     warmup_seconds = 0.0
     if cfg.warmup:
@@ -116,6 +118,7 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
             logprobs=cfg.warmup_logprobs,
             decode_bursts=cfg.decode_steps > 1,
             progress=cfg.warmup_progress,
+            async_scheduling=cfg.async_scheduling,
         )
         logger.info(
             "warmup compiled %d executables in %.1fs (persistent cache: %s)",

@@ -41,6 +41,8 @@ class EngineConfig:
     warmup_logprobs: bool = False  # also the logprobs / prompt_logprobs steps (eval runs)
     warmup_progress: bool = True  # a progress bar over the warmup compiles
     decode_steps: int = 8  # decode bursts: most decode steps per host round trip (1: off)
+    # plan and pack step n + 1 while the device runs step n (same tokens; driver docstring)
+    async_scheduling: bool = True
     seed: int = 0  # seeds unseeded requests (each still gets its own stream)
     tensor_parallel_size: int = 1  # shard the model over this many local devices (runtime/tp)
     batch_invariant: bool = False  # a request's tokens and logprobs bitwise whatever the batch

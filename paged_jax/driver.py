@@ -2,39 +2,40 @@
 
 The driver owns every request in flight, whichever call added it: ``generate`` and any number
 of half-read ``stream``s share one loop, so a step made for one caller also advances the
-others' requests and nothing is lost between calls. Per step::
+others' requests and nothing is lost between calls. Per step (``paged_jax.stepper``, which
+with ``async_scheduling`` plans step n + 1 while the device runs step n)::
 
     plan = scheduler.schedule()          # host policy; pages from the KV cache manager
-    out = runner.run(plan)               # pack -> jitted step -> sampled ids
-    finished = scheduler.update(plan, out.sampled)
+    inflight = runner.start(plan)        # pack -> jitted step, not waited for
+    scheduler.launch(plan); out = runner.fetch(inflight)
+    finished = scheduler.resolve(plan, out.sampled)
     then: logprobs, incremental detokenization, stop strings, metrics
 
-Stop strings are found here, on the detokenized text, and cut from the returned text (kept
+Stop strings are found there, on the detokenized text, and cut from the returned text (kept
 with ``include_stop_str_in_output``). Token masks (allowed ids, bad words, grammars) are made
-here per step from each completion's ``structured.TokenConstraints`` and fed its new tokens.
+per step from each completion's ``structured.TokenConstraints`` and fed its new tokens.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from paged_jax.engine.beam import BeamGroup, BeamSearchParams
 from paged_jax.engine.plan import StepPlan
 from paged_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from paged_jax.engine.scheduler import Scheduler
-from paged_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus
+from paged_jax.engine.sequence import Sequence, SequenceGroup
 from paged_jax.io.detokenizer import IncrementalDetokenizer
 from paged_jax.io.tokenizer import Tokenizer
-from paged_jax.metrics import EngineMetrics, StepTimes
+from paged_jax.metrics import EngineMetrics
 from paged_jax.request import BeamRequest, Completion, Prompt, Request
 from paged_jax.runtime.runner import ModelRunner
+from paged_jax.stepper import Stepper
 from paged_jax.structured import TokenMasks
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Driver:
         tokenizer: Tokenizer | None,
         model_name: str,
         default_seed: int = 0,
+        async_scheduling: bool = False,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
@@ -68,6 +70,7 @@ class Driver:
         self.token_masks = TokenMasks(tokenizer, runner.cfg.vocab_size)
         # test hook: NaN into every page no one holds (and no hit can read) before each step
         self.poison_free_pages = False
+        self.stepper = Stepper(self, async_scheduling)
 
     # ------------------------------------------------------------------ requests
 
@@ -182,6 +185,7 @@ class Driver:
             self.abort(request)
         for request in {id(r): r for r in self._beams.values()}.values():
             self.abort(request)
+        self.stepper.drain()
 
     @property
     def num_unfinished(self) -> int:
@@ -191,135 +195,33 @@ class Driver:
     # ------------------------------------------------------------------ the loop
 
     def step(self) -> list[Request]:
-        """One engine step over every request in flight. Returns those that got new tokens."""
-        start = time.perf_counter()
-        plan = self.scheduler.schedule()
-        scheduled = time.perf_counter()
-        if plan.is_empty:
-            if not plan.preempted:
-                raise RuntimeError("scheduler made no progress with requests pending")
-            self.metrics.num_preemptions += len(plan.preempted)
-            return []  # a sequence preempted itself; the next step re-admits it
-        self._before_run(plan)
-        out = self.runner.run(plan, self._token_masks(plan))
-        ran = time.perf_counter()
-        if out.logprobs is not None or out.prompt_logprobs is not None:
-            offset = 0
-            for row, item in enumerate(plan.scheduled):
-                if item.seq.seq_id in self._live:
-                    request, completion = self._live[item.seq.seq_id]
-                    request.record_logprobs(completion, item, row, out, offset)
-                offset += item.num_new_tokens
-        finished = {s.seq_id for s in self.scheduler.update(plan, out.sampled.tolist())}
-        finished |= self._feed_constraints(plan)
-        touched, num_sampled = [], 0
-        beam_requests: dict[int, BeamRequest] = {}
-        for row, item in enumerate(plan.scheduled):
-            if not item.sample:
-                continue
-            if item.seq.seq_id in self._beams:
-                beam = self._beams[item.seq.seq_id]
-                if item.seq.status is SequenceStatus.RUNNING:
-                    top_ids, top = out.logprobs["top_ids"][row], out.logprobs["top"][row]
-                    beam.group.record(item.seq, top_ids.tolist(), top.tolist())
-                    beam_requests[id(beam)] = beam
-                continue
-            (req, completion), seq = self._live[item.seq.seq_id], item.seq
-            num_new = seq.num_output_tokens - item.sample_position  # > 1 only in a burst
-            num_sampled += num_new
-            touched.append(req)
-            if completion.detok is not None:
-                for j in range(num_new):
-                    done = seq.seq_id in finished and j == num_new - 1
-                    if not self._on_token(completion, item.sample_position + j, done):
-                        break  # a stop string: the tokens after it are gone
-            if seq.is_finished:
-                del self._live[seq.seq_id]
-        for beam in beam_requests.values():
-            num_sampled += self._advance_beams(beam)
-        end = time.perf_counter()
-        times = StepTimes(start, scheduled, ran, end, self.runner.last_timing)
-        self.metrics.record(plan, num_sampled, self.scheduler.kv_utilization(), times)
-        return touched
-
-    def _token_masks(self, plan: StepPlan) -> dict[int, np.ndarray]:
-        """Row -> packed token mask i32[W] for the rows that sample under TokenConstraints."""
-        rows = []
-        for row, item in enumerate(plan.scheduled):
-            live = self._live.get(item.seq.seq_id) if item.sample else None
-            if live is not None and live[1].constraints is not None:
-                rows.append((row, live[1].constraints, item.seq.output_token_ids))
-        return self.token_masks.masks(rows)
-
-    def _feed_constraints(self, plan: StepPlan) -> set[int]:
-        """Give each grammar its row's new tokens; finish the completions whose grammar ended
-        (or rejected a token). Returns their seq ids."""
-        finished = set()
-        for item in plan.scheduled:
-            live = self._live.get(item.seq.seq_id) if item.sample else None
-            if live is None or live[1].constraints is None or live[1].constraints.matcher is None:
-                continue
-            seq, constraints = item.seq, live[1].constraints
-            accepted = constraints.accept(seq.output_token_ids[item.sample_position :])
-            if not seq.is_finished and (constraints.is_stopped or not accepted):
-                self.scheduler.finish(seq, "stop" if accepted else "abort")
-                finished.add(seq.seq_id)
-        return finished
+        """One engine step over every request in flight (``paged_jax.stepper``). Returns those
+        that got new tokens."""
+        return self.stepper.step()
 
     def _before_run(self, plan: StepPlan) -> None:
         """Test hooks between planning and running a step (off by default)."""
         if self.poison_free_pages:  # a stray read of a free page then turns the output NaN
             self.runner.fill_free_pages(self.scheduler.kv_cache.uncached_free_page_ids())
 
-    def _advance_beams(self, request: BeamRequest) -> int:
-        """The beam update of a group whose live beams all have candidates; tokens chosen."""
-        group = request.group
-        if not group.ready():
-            return 0
-        update = group.advance()
-        for seq in self.scheduler.apply_beam_update(group, update):
-            self._beams[seq.seq_id] = request
-        for seq in update.drop:
-            del self._beams[seq.seq_id]
-        return len(update.extend) + len(update.fork)
-
-    def _on_token(self, req: Completion, index: int, finished: bool) -> bool:
-        """Detokenize output ``index`` and look for stop strings; False if one stopped it."""
-        seq, params = req.seq, req.seq.sampling_params
-        token_id = seq.token_ids[seq.num_prompt_tokens + index]
-        before = len(req.detok.text)
-        req.detok.add(token_id)
-        if finished:
-            req.detok.flush()
-        text = req.detok.text
-        stops = params.stop_strings
-        if stops and index + 1 >= params.min_tokens:
-            # only a stop string that ends in the new text: one that came out whole before
-            # min_tokens was reached does not count
-            hits = [(text.find(s, max(0, before - len(s) + 1)), s) for s in stops]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                cut, stop = min(hits)
-                req.text = text[: cut + len(stop) * params.include_stop_str_in_output]
-                self.scheduler.finish(seq, "stop", stop, num_output_tokens=index + 1)
-                return False
-        req.text = text
-        return True
-
     def run_until_done(self, requests: list[Request], use_tqdm: bool) -> Iterator[list[Request]]:
         """Step until every one of ``requests`` finished (others in flight advance too); yields
         each step's touched requests. Closing the iterator early aborts the unfinished ones."""
         bar = tqdm(total=len(requests), desc="requests", unit="req", disable=not use_tqdm)
+        remaining = requests
         try:
-            while any(not r.is_finished for r in requests):
+            # one pass a step, after the yield: other calls may have stepped meanwhile
+            while remaining := [r for r in remaining if not r.is_finished]:
                 touched = self.step()
-                bar.update(sum(r.is_finished for r in requests) - bar.n)
+                bar.update(len(requests) - sum(not r.is_finished for r in remaining) - bar.n)
                 bar.set_postfix(tok_s=f"{self.metrics.output_tokens_per_s:.1f}", refresh=False)
                 yield touched
         finally:
             bar.close()
             for r in requests:  # an interrupted run must not leave pages allocated
                 self.abort(r)
+            if not self.num_unfinished:  # nothing waits for the step in flight
+                self.stepper.drain()
 
     def iter_completed(
         self, requests: list[Any], output: Callable[[Any], Any], use_tqdm: bool

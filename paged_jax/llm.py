@@ -204,6 +204,8 @@ class LLM:
             # steps that made some: their ratio is the host's mask time per such step
             "mask_seconds": self._driver.token_masks.seconds,
             "mask_steps": self._driver.token_masks.num_steps,
+            # mask seconds spent while the step's forward still ran on the device
+            "mask_hidden_seconds": self._driver.token_masks.hidden_seconds,
         }
 
     def close(self) -> None:

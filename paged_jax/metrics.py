@@ -32,18 +32,21 @@ class StepRecord(NamedTuple):
     num_steps: int = 1  # decode steps (1 unless a burst)
     num_sampled: int = 0  # output tokens kept
     num_table_pages: int = 0  # pages the sequences would hold without sharing
+    idle_s: float = 0.0  # the device waited for the host at most this long (paged_jax.stepper)
 
 
 @dataclasses.dataclass
 class StepTimes:
-    """perf_counter stamps of one step: start, plan made, device done, outputs applied; and
-    the runner's (pack, dispatch, device wait) seconds."""
+    """One step record's perf_counter start and end (the previous record's end while the
+    engine steps on), its host seconds planning and applying outputs, the runner's (pack,
+    dispatch, device wait) seconds, and the device's idle seconds waiting for the host."""
 
     start: float
-    scheduled: float
-    ran: float
     end: float
+    schedule_s: float
+    update_s: float
     runner: tuple[float, float, float]
+    idle_s: float = 0.0
 
 
 class EngineMetrics:
@@ -97,14 +100,15 @@ class EngineMetrics:
                 num_used_pages=self.kv_cache.num_used_pages,
                 num_kv_tokens=kv_tokens,
                 step_s=times.end - times.start,
-                schedule_s=times.scheduled - times.start,
+                schedule_s=times.schedule_s,
                 pack_s=pack_s,
                 dispatch_s=dispatch_s,
                 device_wait_s=wait_s,
-                update_s=times.end - times.ran,
+                update_s=times.update_s,
                 num_steps=burst,
                 num_sampled=num_sampled,
                 num_table_pages=self.kv_cache.num_table_pages,
+                idle_s=times.idle_s,
             )
         )
 

@@ -18,7 +18,7 @@ from paged_jax.engine.sampling_params import SamplingParams
 from paged_jax.engine.sequence import Sequence as Seq
 from paged_jax.io.detokenizer import IncrementalDetokenizer
 from paged_jax.io.tokenizer import Tokenizer
-from paged_jax.runtime.runner import StepOutput
+from paged_jax.runtime.inflight import StepOutput
 from paged_jax.structured import TokenConstraints
 
 Prompt = str | list[int] | list[dict[str, str]]

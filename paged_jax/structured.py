@@ -186,6 +186,7 @@ class TokenMasks:
         self._grammars: GrammarCompiler | None = None  # made at the first structured request
         self._executor: llguidance.LLExecutor | None = None  # threads for a batch of grammars
         self.seconds = 0.0  # host time making masks
+        self.hidden_seconds = 0.0  # of which the device's forward was still running after
         self.num_steps = 0  # steps that made at least one
 
     def grammars(self) -> GrammarCompiler:

@@ -16,6 +16,7 @@ tokens with no pages at all: the oracle a request's output must equal.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import numpy as np
@@ -25,9 +26,10 @@ from paged_jax.engine.kv_cache import NULL_PAGE, KVCacheManager
 from paged_jax.engine.plan import StepPlan
 from paged_jax.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from paged_jax.engine.scheduler import Scheduler, SchedulerConfig
+from paged_jax.engine.sequence import PLACEHOLDER
 from paged_jax.metrics import EngineMetrics
 from paged_jax.request import encode_prompt
-from paged_jax.runtime.runner import StepOutput
+from paged_jax.runtime.inflight import StepOutput
 
 VOCAB = 32
 EOS = 1
@@ -120,6 +122,43 @@ class FakeRunner:
             assert self.kv.ref_count(page) == 1, f"write into shared page {page}"
             self.slots[page * ps + (position + j) % ps] = token
 
+    def start(self, plan: StepPlan, token_masks=None, *, feed=None, masks_later=False):
+        """Runs the plan at once (the fake device is synchronous); a row whose last input is
+        a placeholder takes the sample of the step in flight, as ``runtime.feed`` does."""
+        assert not masks_later  # the fuzz sends no grammars
+        rows = feed[1] if feed else ()
+        for row, item in enumerate(plan.scheduled):
+            assert (item.token_ids[-1] == PLACEHOLDER) == (bool(rows) and rows[row] >= 0), item
+        if feed:
+            previous, rows = feed
+            last = previous.output.sampled  # a burst: each row's sample of its own last step
+            if previous.plan.num_steps:
+                last = [last[r, n - 1] for r, n in enumerate(previous.plan.num_steps)]
+            scheduled = tuple(
+                item
+                if r < 0
+                else dataclasses.replace(item, token_ids=(*item.token_ids[:-1], int(last[r])))
+                for item, r in zip(plan.scheduled, rows, strict=True)
+            )
+            plan = dataclasses.replace(plan, scheduled=scheduled)
+        return types.SimpleNamespace(
+            plan=plan,
+            output=self.run(plan, token_masks),
+            enqueued=0.0,
+            previous_ready=True,
+            idle_s=0.0,
+            pack_s=0.0,
+            dispatch_s=0.0,
+            wait_s=0.0,
+            last_exact=True,
+        )
+
+    def select(self, inflight, token_masks) -> None:
+        raise AssertionError("the fuzz sends no grammars")
+
+    def fetch(self, inflight) -> StepOutput:
+        return inflight.output
+
     def run(self, plan: StepPlan, token_masks: dict | None = None) -> StepOutput:
         assert not token_masks  # the fuzz sends no grammars
         cfg, kv, ps = self.config, self.kv, self.page_size
@@ -198,6 +237,7 @@ def make_driver(
     enable_prefix_caching: bool = True,
     poison: bool = True,
     eos_token_ids=(EOS,),
+    async_scheduling: bool = True,
 ) -> Driver:
     kv = KVCacheManager(num_pages, page_size, enable_prefix_caching=enable_prefix_caching)
     scheduler = Scheduler(config, kv, eos_token_ids=eos_token_ids)
@@ -209,6 +249,7 @@ def make_driver(
         encode=lambda prompt: encode_prompt(tok, VOCAB, prompt, "fake"),
         tokenizer=tok,
         model_name="fake",
+        async_scheduling=async_scheduling,
     )
 
 

@@ -109,7 +109,8 @@ def workload(draw, pool: str):
             for r in requests
             if r["kind"] != "beam"
         ]
-    return config, page_size, num_pages, caching, requests
+    async_scheduling = draw(st.booleans())  # plan step n + 1 while step n is in flight
+    return config, page_size, num_pages, caching, requests, async_scheduling
 
 
 def beam_pages(num_prompt_tokens, max_tokens, width, page_size, max_model_len) -> int:
@@ -154,7 +155,7 @@ def run_alone(prompt, params, request_id: str, max_model_len: int):
     config = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64,
                              max_model_len=max_model_len)  # fmt: skip
     driver = make_driver(config, num_pages=1 + 16 * -(-max_model_len // 4), page_size=4,
-                         enable_prefix_caching=False)  # fmt: skip
+                         enable_prefix_caching=False, async_scheduling=False)  # fmt: skip
     driver._request_ids = itertools.count(int(request_id))  # the same id: the same default seed
     beam = isinstance(params, BeamSearchParams)
     request = driver.make_beam_request(prompt, params) if beam else driver.make_request(
@@ -189,10 +190,13 @@ def check_completion(out, want: dict, params: SamplingParams, aborted: bool) -> 
     assert got == want, (got, want)
 
 
-def run_workload(config, page_size, num_pages, caching, specs) -> collections.Counter:
+def run_workload(
+    config, page_size, num_pages, caching, specs, async_scheduling
+) -> collections.Counter:
     """Run one example; returns counts of what it exercised."""
     driver = make_driver(config, num_pages=num_pages, page_size=page_size,
-                         enable_prefix_caching=caching)  # fmt: skip
+                         enable_prefix_caching=caching,
+                         async_scheduling=async_scheduling)  # fmt: skip
     scheduler, kv = driver.scheduler, driver.scheduler.kv_cache
     finishes = collections.Counter()
     finish = scheduler._finish
@@ -274,6 +278,8 @@ def run_workload(config, page_size, num_pages, caching, specs) -> collections.Co
         aborted=sum(s["abort_at"] is not None for s in specs),
         stop_strings=sum(isinstance(s, str) for s in stops),
         stop_ids=sum(isinstance(s, int) for s in stops),
+        sync_examples=int(not async_scheduling),
+        pipelined_steps=driver.stepper.num_pipelined,
     )
 
 
@@ -293,7 +299,7 @@ def test_fuzz_host_engine(pool):
     assert counts["requests"] >= MIN_REQUESTS_PER_POOL, counts
     # The workloads reach every path they are meant to (else the fuzz proves little).
     for key in ("bursts", "copies", "hit_tokens", "beams", "groups", "aborted", "stop_strings",
-                "stop_ids"):  # fmt: skip
+                "stop_ids", "sync_examples", "pipelined_steps"):  # fmt: skip
         assert counts[key] > 0, (key, counts)
     if pool == "tiny":  # groups larger than max_num_seqs or the pool are refused up front
         assert counts["rejected"] > 0, counts

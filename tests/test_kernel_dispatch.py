@@ -43,7 +43,7 @@ def test_explicit_impls_resolve(impl: str) -> None:
 
 
 def test_decode_only_steps_run_the_decode_variant() -> None:
-    from paged_jax.runtime.runner import _step_variant
+    from paged_jax.runtime.dispatch import _step_variant
 
     class Plan:  # the two counts _step_variant reads
         def __init__(self, num_tokens: int, num_seqs: int) -> None:

@@ -191,7 +191,11 @@ def test_hit_on_pages_of_a_request_still_in_prefill(on, off):
     driver, kv = on._driver, on.kv_cache
     first = driver.make_request(long, greedy(logprobs=2))
     driver.add(first)
-    driver.step()  # the first chunk: 64 of its 80 tokens
+    driver.stepper.async_scheduling = False  # one step per call (async plans two at first)
+    try:
+        driver.step()  # the first chunk: 64 of its 80 tokens
+    finally:
+        driver.stepper.async_scheduling = True
     assert first.seq.num_computed_tokens == 64 and not first.seq.is_finished
     table = kv.page_table(first.seq)
     queries, hits = counters(on)

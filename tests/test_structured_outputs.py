@@ -222,3 +222,32 @@ def test_include_stop_str_in_output(llm):
     )
     assert cut.text == " Paris" and kept.text == " Paris."
     assert cut.stop_reason == kept.stop_reason == "."
+
+
+def test_async_scheduling_keeps_grammars_stops_and_tokens(llm):
+    """Step n + 1 planned while step n runs: its masks are made after step n's tokens are
+    fed to the grammars; the outputs equal the synchronous loop's, and the mask time overlaps
+    the forward."""
+    prompts = [chat(f"{n} is {a} years old and lives in {c}. Give JSON.") for n, a, c in PEOPLE[:3]]
+    prompts += ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
+    so = StructuredOutputsParams(json=PERSON)
+    params = [SamplingParams(temperature=0, max_tokens=48, structured_outputs=so)] * 2
+    params.append(SamplingParams(temperature=0.9, seed=4, n=2, max_tokens=48,
+                                 structured_outputs=so))  # fmt: skip
+    params.append(SamplingParams(temperature=0, max_tokens=24, stop=[". ", "answer"]))
+    params.append(SamplingParams(temperature=0.8, seed=1, max_tokens=24, bad_words=["city"]))
+    params.append(SamplingParams(temperature=0, max_tokens=24, stop=["return"],
+                                 include_stop_str_in_output=True))  # fmt: skip
+    stepper = llm._driver.stepper
+    results = {}
+    for on in (False, True):
+        stepper.async_scheduling = on
+        hidden = llm.stats()["mask_hidden_seconds"]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results[on] = [
+            [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outs
+        ]
+        assert llm.stats()["mask_hidden_seconds"] > hidden  # masks made while the forward ran
+    stepper.async_scheduling = True
+    assert results[True] == results[False]
+    assert stepper.num_pipelined > 0 and not stepper.in_flight

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from paged_jax.engine.sampling_params import SamplingParams
-from paged_jax.engine.sequence import Sequence
+from paged_jax.engine.sequence import PLACEHOLDER, Sequence
 
 
 @dataclasses.dataclass(slots=True)  # not frozen: built per sequence per step, frozen is 5x slower
@@ -72,3 +72,17 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+def feed_rows(plan: StepPlan, previous: StepPlan | None) -> tuple[int, ...]:
+    """Per row of ``plan``: the row of ``previous`` (the step still on the device) whose
+    sampled token is this row's last input (a ``PLACEHOLDER`` when planned), else -1. Empty
+    when no row needs one."""
+    if previous is None:
+        return ()
+    rows = {item.seq.seq_id: row for row, item in enumerate(previous.scheduled)}
+    out = tuple(
+        rows[item.seq.seq_id] if item.token_ids[-1] == PLACEHOLDER else -1
+        for item in plan.scheduled
+    )
+    return out if any(r >= 0 for r in out) else ()

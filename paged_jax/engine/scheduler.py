@@ -23,6 +23,10 @@ plan carries the copies). A group is admitted only when all its members fit max_
 With ``decode_steps`` > 1 a decode-only plan may become a burst (``engine.burst``); ``update``
 then applies each sequence's tokens in order and drops those past a stop, so the output is
 token for token that of single steps.
+
+Applying a step is ``engine.step_updates`` (``launch`` / ``resolve``). With async scheduling a
+running sequence's last token may be a ``PLACEHOLDER`` (sampled by the step in flight): it
+schedules as a decode, and not at all when that token is its last (a length stop).
 """
 
 from __future__ import annotations
@@ -32,14 +36,20 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from collections.abc import Sequence as SequenceOf
 
 from paged_jax.engine.beam import BeamGroup, BeamUpdate
 from paged_jax.engine.burst import plan_burst
 from paged_jax.engine.kv_cache import KVCacheManager
 from paged_jax.engine.outputs import FinishReason
 from paged_jax.engine.plan import ScheduledSeq, StepPlan
-from paged_jax.engine.sequence import Sequence, SequenceGroup, SequenceStatus, check_stop
+from paged_jax.engine.sequence import (
+    PLACEHOLDER,
+    Sequence,
+    SequenceGroup,
+    SequenceStatus,
+    check_stop,
+)
+from paged_jax.engine.step_updates import StepUpdates
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +79,7 @@ class _PlanBuilder:
     preempted: list[Sequence] = dataclasses.field(default_factory=list)
 
 
-class Scheduler:
+class Scheduler(StepUpdates):
     def __init__(
         self,
         config: SchedulerConfig,
@@ -168,17 +178,16 @@ class Scheduler:
         for seq in list(self._running):
             if self._ready_to_fork(seq):
                 self._fork_group(seq)
-        decodes, prefills = [], []
+        decodes, prefills, cfg = [], [], self.config
         for seq in self._running:
             (decodes if seq.num_schedulable_tokens == 1 else prefills).append(seq)
         for seq in decodes + prefills:
             if builder.budget == 0 or len(builder.items) == self.config.max_num_seqs:
                 break
-            if seq.status is SequenceStatus.RUNNING:  # else preempted earlier in this step
-                self._schedule_running(seq, builder)
+            if seq.status is SequenceStatus.RUNNING and not _awaits_last_token(seq, cfg):
+                self._schedule_running(seq, builder)  # else preempted earlier in this step
         if not builder.preempted:  # re-admitting now would only preempt again
             self._admit_waiting(builder)
-        cfg = self.config
         plan = plan_burst(
             StepPlan(tuple(builder.items.values()), tuple(builder.preempted)),
             self.kv_cache,
@@ -187,49 +196,6 @@ class Scheduler:
         )
         copies = self.kv_cache.take_copies()
         return dataclasses.replace(plan, page_copies=copies) if copies else plan
-
-    def update(
-        self, plan: StepPlan, sampled_token_ids: SequenceOf[int] | SequenceOf[SequenceOf[int]]
-    ) -> list[Sequence]:
-        """Apply a computed step. sampled_token_ids: per scheduled sequence in plan order, its
-        sampled id (a burst: its ``burst_len`` ids, of which the first ``num_steps[i]`` count);
-        entries of sequences with sample=False are ignored. Returns the sequences that finished
-        in this step (their pages are already freed)."""
-        if len(sampled_token_ids) != plan.num_seqs:
-            raise ValueError(
-                f"len(sampled_token_ids)={len(sampled_token_ids)} != plan.num_seqs={plan.num_seqs}"
-            )
-        now = self._clock()
-        finished = []
-        for row, (item, sampled) in enumerate(zip(plan.scheduled, sampled_token_ids, strict=True)):
-            seq = item.seq
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # finished by the caller since the plan was made
-            assert seq.num_computed_tokens == item.start_position, (seq, item)
-            seq.num_computed_tokens += item.num_new_tokens
-            if not item.sample or (seq.group is not None and seq.group.is_beam):
-                self.kv_cache.commit(seq)  # a beam's next token is its group's choice
-                continue
-            token_ids = sampled[: plan.num_steps[row]] if plan.num_steps else [sampled]
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            params = seq.sampling_params
-            if params.stop_token_ids or (self.eos_token_ids and not params.ignore_eos):
-                stop = None
-                for j, token_id in enumerate(token_ids):  # token by token: an id may stop it
-                    seq.num_computed_tokens += j > 0  # step j computed token j - 1's K/V
-                    seq.append_token(token_id)
-                    if stop := self._check_stop(seq, int(token_id)):
-                        break
-            else:  # only lengths stop it, and num_steps keeps them to the last token
-                seq.token_ids.extend(int(t) for t in token_ids)
-                seq.num_computed_tokens += len(token_ids) - 1
-                stop = self._check_stop(seq, seq.token_ids[-1])
-            self.kv_cache.commit(seq)
-            if stop is not None:
-                self._finish(seq, stop[0], stop[1], now)
-                finished.append(seq)
-        return finished
 
     def apply_beam_update(self, group: BeamGroup, update: BeamUpdate) -> list[Sequence]:
         """Carry out a beam group's update: forks share the parent's pages, extended beams get
@@ -426,12 +392,25 @@ class Scheduler:
             queued_at = self._waiting.index(seq)
             del self._waiting[queued_at]
         self.kv_cache.free(seq)
+        if seq.token_ids[-1] == PLACEHOLDER:  # a step in flight samples a token it discards
+            seq.token_ids.pop()
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         seq.finished_time = now
         if queued_at is not None and seq.group is not None and seq.group.unfinished:
             self._waiting.insert(queued_at, seq.group.prepare_prefill())  # the next leader
+
+
+def _awaits_last_token(seq: Sequence, config: SchedulerConfig) -> bool:
+    """The token a step in flight samples for ``seq`` is its last (a length stop): nothing
+    to schedule for it."""
+    if seq.token_ids[-1] != PLACEHOLDER:
+        return False
+    return (
+        seq.num_output_tokens >= seq.sampling_params.max_tokens
+        or seq.num_tokens >= config.max_model_len
+    )
 
 
 def _num_members(seq: Sequence) -> int:

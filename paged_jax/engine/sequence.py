@@ -13,6 +13,9 @@ from paged_jax.engine.outputs import FinishReason, RequestMetrics
 from paged_jax.engine.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
+# An output token a launched step is sampling, not yet read back (``Scheduler.launch``); the
+# next step's input there is fed on the device from that step's samples (``runtime.feed``).
+PLACEHOLDER = -1
 _UINT32_MASK = 0xFFFFFFFF
 
 
@@ -181,17 +184,24 @@ class Sequence:
 
 
 def check_stop(
-    seq: Sequence, token_id: int, eos_token_ids: frozenset[int], max_model_len: int
+    seq: Sequence,
+    token_id: int,
+    eos_token_ids: frozenset[int],
+    max_model_len: int,
+    num_tokens: int | None = None,
 ) -> tuple[FinishReason, int | None] | None:
-    """Why ``seq`` stops after its newest token ``token_id`` (reason, stop_reason), or None."""
+    """Why ``seq`` stops after its newest token ``token_id`` (reason, stop_reason), or None.
+    ``num_tokens``: the sequence's length with that token (default: all of its tokens)."""
     params = seq.sampling_params
-    if seq.num_output_tokens >= params.min_tokens:
+    num_tokens = seq.num_tokens if num_tokens is None else num_tokens
+    num_output_tokens = num_tokens - seq.num_prompt_tokens
+    if num_output_tokens >= params.min_tokens:
         if not params.ignore_eos and token_id in eos_token_ids:
             return "stop", None
         if params.stop_token_ids and token_id in params.stop_token_ids:
             return "stop", token_id
-    if seq.num_output_tokens >= params.max_tokens:
+    if num_output_tokens >= params.max_tokens:
         return "length", None
-    if seq.num_tokens >= max_model_len:
+    if num_tokens >= max_model_len:
         return "length", None
     return None

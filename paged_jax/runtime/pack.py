@@ -16,6 +16,7 @@ Only the plan's ``ScheduledSeq`` snapshots are read, never the live sequences.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -44,6 +45,13 @@ class StepInputs:
     target_ids: np.ndarray  # i32[T]  the next prompt token (scored by prompt_logprobs), else 0
 
 
+def column(values: list, size: int, dtype: type, pad: float) -> np.ndarray:
+    """values padded with ``pad`` to [size]."""
+    out = np.full(size, pad, dtype)
+    out[: len(values)] = values
+    return out
+
+
 def pack(
     plan: StepPlan,
     *,
@@ -60,64 +68,47 @@ def pack(
         raise ValueError(f"plan has {num_seqs} sequences, more than {num_seqs_bucket=}")
     T, S = num_tokens_bucket, num_seqs_bucket
 
-    page_tables = np.full((S, max_pages_per_seq), NULL_PAGE, np.int32)
-    page_ids: list[int] = []  # every row's page table, concatenated
-    num_pages_per_row: list[int] = []
-    token_ids: list[int] = []
-    targets = np.zeros(T, np.int32)  # i32[T]
-    per_seq: list[tuple] = []  # per sequence: q_len, kv_len, sampling values
-    for item in plan.scheduled:
-        num_pages = len(item.page_ids)
-        if num_pages > max_pages_per_seq:
-            raise ValueError(
-                f"request {item.request_id!r} holds {num_pages} pages, more than "
-                f"{max_pages_per_seq=}"
-            )
-        if item.kv_len > num_pages * page_size:
-            raise ValueError(f"request {item.request_id!r}: kv_len {item.kv_len} exceeds pages")
-        token_ids.extend(item.token_ids)
-        if item.prompt_targets:
-            start = len(token_ids) - item.num_new_tokens
-            targets[start : start + len(item.prompt_targets)] = item.prompt_targets
-        page_ids.extend(item.page_ids)
-        num_pages_per_row.append(num_pages)
-        params = item.params
-        per_seq.append(
-            (
-                item.num_new_tokens,
-                item.kv_len,
-                params.temperature,
-                params.top_k,
-                params.top_p,
-                params.min_p,
-                item.seed,
-                item.sample_position,
-                item.sample,
-                item.sample_position < params.min_tokens,
-            )
+    items = plan.scheduled
+    # One pass per column over the items (list comprehensions), then numpy: no per-row numpy.
+    num_pages_per_row = np.fromiter((len(i.page_ids) for i in items), np.int64, num_seqs)
+    q_lens = column([i.num_new_tokens for i in items], S, np.int32, 0)
+    kv_lens = column([i.start_position + i.num_new_tokens for i in items], S, np.int32, 0)
+    if num_seqs and (num_pages_per_row.max() > max_pages_per_seq):
+        row = int(np.argmax(num_pages_per_row > max_pages_per_seq))
+        raise ValueError(
+            f"request {items[row].request_id!r} holds {num_pages_per_row[row]} pages, more "
+            f"than {max_pages_per_seq=}"
         )
-    columns = list(zip(*per_seq, strict=True)) if per_seq else [()] * 10
+    over = kv_lens[:num_seqs] > num_pages_per_row * page_size
+    if over.any():
+        row = int(np.argmax(over))
+        raise ValueError(f"request {items[row].request_id!r}: kv_len {kv_lens[row]} exceeds pages")
+    page_ids = list(itertools.chain.from_iterable(i.page_ids for i in items))
+    token_ids = list(itertools.chain.from_iterable(i.token_ids for i in items))
+    targets = np.zeros(T, np.int32)  # i32[T]
+    if any(i.prompt_targets for i in items):
+        offset = 0
+        for item in items:
+            if item.prompt_targets:
+                targets[offset : offset + len(item.prompt_targets)] = item.prompt_targets
+            offset += item.num_new_tokens
+    params = [i.params for i in items]
+    temperature = column([p.temperature for p in params], S, np.float32, 0.0)
+    top_k = column([p.top_k for p in params], S, np.int32, -1)
+    top_p = column([p.top_p for p in params], S, np.float32, 1.0)
+    min_p = column([p.min_p for p in params], S, np.float32, 0.0)
+    seeds = column([i.seed for i in items], S, np.uint32, 0)
+    sample_positions = column([i.sample_position for i in items], S, np.int32, 0)
+    do_sample = column([i.sample for i in items], S, np.bool_, False)
+    min_tokens = column([p.min_tokens for p in params], S, np.int32, 0)
+    suppress_eos = (sample_positions < min_tokens) & (np.arange(S) < num_seqs)
+
     # One scatter for all page tables: row r's pages go to columns 0..len-1.
-    row_lens = np.asarray(num_pages_per_row, np.int64)  # i64[num_seqs]
+    page_tables = np.full((S, max_pages_per_seq), NULL_PAGE, np.int32)
+    row_lens = num_pages_per_row  # i64[num_seqs]
     table_rows = np.repeat(np.arange(num_seqs), row_lens)
     table_cols = np.arange(len(page_ids)) - np.repeat(np.cumsum(row_lens) - row_lens, row_lens)
     page_tables[table_rows, table_cols] = page_ids
-
-    def column(index: int, dtype: type, pad: float) -> np.ndarray:
-        out = np.full(S, pad, dtype)  # [S]
-        out[:num_seqs] = columns[index]
-        return out
-
-    q_lens = column(0, np.int32, 0)
-    kv_lens = column(1, np.int32, 0)
-    temperature = column(2, np.float32, 0.0)
-    top_k = column(3, np.int32, -1)
-    top_p = column(4, np.float32, 1.0)
-    min_p = column(5, np.float32, 0.0)
-    seeds = column(6, np.uint32, 0)
-    sample_positions = column(7, np.int32, 0)
-    do_sample = column(8, np.bool_, False)
-    suppress_eos = column(9, np.bool_, False)
 
     cu_q_lens = np.zeros(S + 1, np.int32)  # i32[S + 1]; padding rows repeat the last value
     np.cumsum(q_lens, out=cu_q_lens[1:])

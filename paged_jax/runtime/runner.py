@@ -12,17 +12,18 @@ With a ``mesh`` (tensor parallel, ``runtime/tp.py``) the KV pages are sharded on
 step runs under ``shard_map`` and every input and output is replicated over the mesh; without
 one (``tensor_parallel_size=1``) nothing of that runs: no sharding is given anywhere.
 
+Dispatching (``run``, and ``start`` / ``select`` / ``fetch`` for async scheduling) is the
+``runtime.dispatch.StepDispatch`` mixin.
+
 Nothing module-level refers to a runner: dropping the engine frees its params and KV pages.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
-import threading
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,47 +39,21 @@ from paged_jax.runtime import tp
 from paged_jax.runtime.buckets import Buckets
 from paged_jax.runtime.burst import advance
 from paged_jax.runtime.controls import STEP_INPUTS, make_process, pack_controls
-from paged_jax.runtime.pack import StepInputs, pack
-from paged_jax.runtime.select import GREEDY, SELECT_INPUTS, SelectMode, make_select, select_mode
+from paged_jax.runtime.dispatch import (
+    ExecutableKey,
+    StepDispatch,
+    _as_dict,
+    _install_listener,
+)
+from paged_jax.runtime.feed import feed as feed_tokens
+from paged_jax.runtime.feed import keep_last, widen
+from paged_jax.runtime.pack import pack
+from paged_jax.runtime.select import GREEDY, SELECT_INPUTS, SelectMode, make_select
 from paged_jax.runtime.state import KVState, copy_pages
 from paged_jax.runtime.step import VARIANTS, StepFn, invariant_rows, make_step
 from paged_jax.runtime.warmup import compile_all
 
 logger = logging.getLogger(__name__)
-
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_compiles = threading.local()  # backend compiles of the current thread (its .count)
-_listener_lock = threading.Lock()
-_listener_installed = False
-
-
-def _on_event(event: str, duration: float, **_: Any) -> None:
-    if event == _COMPILE_EVENT:
-        _compiles.count = getattr(_compiles, "count", 0) + 1
-
-
-def _install_listener() -> None:
-    """One process-wide listener that counts compiles per thread; it holds no runner."""
-    global _listener_installed
-    with _listener_lock:
-        if not _listener_installed:
-            jax.monitoring.register_event_duration_secs_listener(_on_event)
-            _listener_installed = True
-
-
-def _thread_compiles() -> int:
-    return getattr(_compiles, "count", 0)
-
-
-class ExecutableKey(NamedTuple):
-    """One compiled executable: a step variant ("plain" | "prompt") or "advance" (a burst's
-    next inputs) of a (num_tokens, num_seqs) bucket, a selector (num_tokens 0), "controls"
-    (``runtime.controls``; num_tokens 0) or "copy" (copy-on-write of up to num_seqs pages;
-    num_tokens 0)."""
-
-    num_tokens: int
-    num_seqs: int
-    kind: str | SelectMode
 
 
 def enable_compilation_cache(path: str) -> None:
@@ -88,7 +63,7 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-class ModelRunner:
+class ModelRunner(StepDispatch):
     def __init__(
         self,
         cfg: ModelConfig,
@@ -142,6 +117,11 @@ class ModelRunner:
         self.decode_variant = self.attn_impl == "gpu"
         self._advance = jax.jit(functools.partial(advance, page_size=page_size))
         self._copy = jax.jit(copy_pages, donate_argnums=(0,))
+        self._widen = jax.jit(functools.partial(widen, size=buckets.seq_buckets[-1]))
+        self._feed = jax.jit(feed_tokens)
+        self._keep_last = jax.jit(keep_last)
+        # track each burst row's last sample (async scheduling feeds the next step from it)
+        self.feeds_bursts = False
         self._process = jax.jit(make_process(eos_token_ids, cfg.vocab_size))
         self._select = functools.partial(make_select, eos_token_ids=eos_token_ids,
                                          vocab_size=cfg.vocab_size, rows=rows)  # fmt: skip
@@ -195,6 +175,14 @@ class ModelRunner:
             return self._process, (logits, self.kv.token_pages, chosen, controls)
         if kind == "copy":
             return self._copy, (self.kv, row, row)
+        if kind == "widen":
+            return self._widen, (row,)
+        if kind == "keep":
+            return self._keep_last, (row, row, self._struct((), jnp.int32), row)
+        if kind == "feed":
+            tokens = self._struct((num_tokens,), jnp.int32)
+            wide = self._struct((self.buckets.seq_buckets[-1],), jnp.int32)
+            return self._feed, (tokens, tokens, wide)
         if kind == "advance":
             return self._advance, (inputs, row, row, row, self._struct((), jnp.int32))
         return self._steps[kind], (self.params, self.kv, inputs)
@@ -214,13 +202,17 @@ class ModelRunner:
         return self._executables.get(key) or self._compile(key)
 
     def warmup(
-        self, logprobs: bool = False, decode_bursts: bool = False, progress: bool = True
+        self,
+        logprobs: bool = False,
+        decode_bursts: bool = False,
+        progress: bool = True,
+        async_scheduling: bool = False,
     ) -> float:
         """Compile every reachable bucket, the selectors that sample (and the logprobs step and
         selectors when asked), and the burst advance of every decode-only bucket; returns the
         wall seconds. Tracing is serial; XLA compiles on a thread per CPU core."""
         start = time.perf_counter()
-        keys = self.warmup_keys(logprobs, decode_bursts)
+        keys = self.warmup_keys(logprobs, decode_bursts, async_scheduling)
         keys = [key for key in keys if key not in self._executables]
         self.warmup_cache = compile_all(keys, self._lower, self._compile, progress=progress)
         for key in keys:
@@ -228,10 +220,12 @@ class ModelRunner:
         self.warmed_up = True
         return time.perf_counter() - start
 
-    def warmup_keys(self, logprobs: bool = False, decode_bursts: bool = False) -> list:
+    def warmup_keys(
+        self, logprobs: bool = False, decode_bursts: bool = False, async_scheduling: bool = False
+    ) -> list:
         """Every executable warmup compiles: the step of each reachable bucket (and its
         decode-only and prompt-scoring variants where they apply), the selectors, the page
-        copies and the burst advances."""
+        copies, the burst advances and async scheduling's token feeds."""
         variants = ("plain", "prompt") if logprobs else ("plain",)
         reachable = self.buckets.reachable()
         keys = [ExecutableKey(*bucket, v) for bucket in reachable for v in variants]
@@ -249,105 +243,13 @@ class ModelRunner:
         keys += [ExecutableKey(0, s, "copy") for s in self.buckets.seq_buckets]
         if decode_bursts:
             keys += [ExecutableKey(*b, "advance") for b in self.buckets.decode_buckets()]
+        if async_scheduling:
+            keys += [ExecutableKey(0, s, "widen") for s in self.buckets.seq_buckets]
+            if decode_bursts:
+                burst_seqs = sorted({s for _, s in self.buckets.decode_buckets()})
+                keys += [ExecutableKey(0, s, "keep") for s in burst_seqs]
+            keys += [ExecutableKey(t, 0, "feed") for t in sorted({t for t, _ in reachable})]
         return keys
-
-    def run(self, plan: StepPlan, token_masks: dict[int, np.ndarray] | None = None) -> StepOutput:
-        """Execute one step (or a decode burst): sampled ids for the plan's rows (meaningful
-        where it samples; i32[n, burst_len] for a burst), and the logprob arrays when some
-        request asked for them. ``token_masks``: row -> its packed allowed-token mask i32[W]
-        (``runtime.controls``; constant over a burst)."""
-        compiles_before = _thread_compiles()
-        try:
-            return self._run(plan, token_masks or {})
-        finally:
-            if self.warmed_up:
-                self.num_compiles_after_warmup += _thread_compiles() - compiles_before
-
-    def _copy_pages(self, copies: tuple[tuple[int, int], ...]) -> None:
-        """All of a step's copy-on-write copies in one call, padded to a sequence bucket."""
-        num_copies = self.buckets.seqs_for(len(copies))
-        if num_copies < len(copies):
-            raise ValueError(f"{len(copies)} page copies in one step, more than max_num_seqs")
-        pairs = np.zeros((2, num_copies), np.int32)  # i32[2, C]; (NULL_PAGE, NULL_PAGE) pads
-        pairs[:, : len(copies)] = np.asarray(copies, np.int32).T
-        copy = self._executable(ExecutableKey(0, num_copies, "copy"))
-        self.kv = copy(self.kv, *jax.device_put((pairs[0], pairs[1]), self._replicated))
-
-    def _run(self, plan: StepPlan, token_masks: dict[int, np.ndarray]) -> StepOutput:
-        start = time.perf_counter()
-        if plan.page_copies:  # before the step writes K/V into the copies
-            self._copy_pages(plan.page_copies)
-        n = plan.num_seqs
-        want_prompt = any(i.prompt_targets for i in plan.scheduled)
-        bucket = self.buckets.pick_bucket(plan.num_tokens, n)  # a burst: one token per row
-        step = self._executable(
-            ExecutableKey(*bucket, _step_variant(plan, bucket, want_prompt, self.decode_variant))
-        )
-        mode = select_mode(plan)
-        select = None if mode == GREEDY else self._executable(ExecutableKey(0, bucket[1], mode))
-        inputs = pack(
-            plan,
-            num_tokens_bucket=bucket[0],
-            num_seqs_bucket=bucket[1],
-            page_size=self.page_size,
-            max_pages_per_seq=self.max_pages_per_seq,
-        )
-        inputs = jax.device_put(_as_dict(inputs), self._replicated)
-        controls = None
-        if token_masks or any(i.sample and i.params.uses_controls for i in plan.scheduled):
-            process = self._executable(ExecutableKey(0, bucket[1], "controls"))
-            controls = pack_controls(plan, token_masks, bucket[1], self.cfg.vocab_size)
-            controls = jax.device_put(controls, self._replicated)
-        if plan.num_steps:
-            advance_fn = self._executable(ExecutableKey(*bucket, "advance"))
-            burst = self._burst_state(plan, bucket)
-        packed = time.perf_counter()
-        sampled, logprobs, prompt = [], None, None
-        for j in range(plan.burst_len):
-            self.kv, out = step(self.params, self.kv, inputs)
-            logits, greedy = out["logits"], out["greedy"]
-            if controls is not None:
-                chosen = {k: inputs[k] for k in STEP_INPUTS}
-                logits, greedy = process(logits, self.kv.token_pages, chosen, controls)
-            chosen = {"sampled": greedy}
-            if select is not None:
-                chosen = select(
-                    logits, out["logits"], greedy, {k: inputs[k] for k in SELECT_INPUTS}
-                )
-            sampled.append(chosen["sampled"])
-            logprobs, prompt = chosen.get("logprobs"), out.get("prompt")
-            if j + 1 < plan.burst_len:
-                inputs, burst["step"] = advance_fn(
-                    inputs,
-                    chosen["sampled"],
-                    burst["num_steps"],
-                    burst["min_tokens"],
-                    burst["step"],
-                )
-        dispatched = time.perf_counter()
-        tokens = np.stack(jax.device_get(sampled), axis=1)[:n]  # i32[n, burst_len]; waits
-        result = StepOutput(
-            sampled=tokens if plan.num_steps else tokens[:, 0],
-            logprobs=_fetch(logprobs, n) if logprobs is not None else None,
-            prompt_logprobs=_fetch(prompt, plan.num_tokens) if prompt is not None else None,
-        )
-        # host seconds packing, host seconds dispatching, seconds waiting for the device
-        self.last_timing = (packed - start, dispatched - packed, time.perf_counter() - dispatched)
-        return result
-
-    def _burst_state(self, plan: StepPlan, bucket: tuple[int, int]) -> dict[str, jax.Array]:
-        """advance's per-burst arguments, on the device: steps per row, min_tokens, step 0."""
-        num_steps = np.zeros(bucket[1], np.int32)  # i32[S]
-        num_steps[: plan.num_seqs] = plan.num_steps
-        min_tokens = np.zeros(bucket[1], np.int32)  # i32[S]
-        min_tokens[: plan.num_seqs] = [i.params.min_tokens for i in plan.scheduled]
-        return dict(
-            zip(
-                ("num_steps", "min_tokens", "step"),
-                jax.device_put((num_steps, min_tokens, np.int32(0)), self._replicated),
-                strict=True,
-            )
-        )
 
     def fill_free_pages(self, page_ids: list[int], value: float = float("nan")) -> None:
         """Overwrite pages (e.g. every free one) with ``value``: a test hook for stray reads.
@@ -370,30 +272,7 @@ class ModelRunner:
         self._executables.clear()
 
 
-def _step_variant(plan: StepPlan, bucket: tuple[int, int], prompt: bool, decode: bool) -> str:
-    """The step executable a plan runs on: prompt scoring, decode-only, or plain."""
-    if prompt:
-        return "prompt"
-    if decode and plan.num_tokens == plan.num_seqs and bucket[0] == bucket[1]:
-        return "decode"
-    return "plain"
-
-
-class StepOutput(NamedTuple):
-    sampled: np.ndarray  # i32[num_seqs]; a burst: i32[num_seqs, burst_len]
-    logprobs: dict[str, np.ndarray] | None  # target f32[n], top_ids i32[n, K], top f32[n, K]
-    prompt_logprobs: dict[str, np.ndarray] | None  # the same per packed token [num_tokens]
-
-
 @functools.partial(jax.jit, donate_argnums=0)
 def _fill_pages(pages: jax.Array, mask: jax.Array, value: float) -> jax.Array:
     # pages: [Hkv, P, page_size, D]; mask: bool[P]
     return jnp.where(mask[None, :, None, None], jnp.asarray(value, pages.dtype), pages)
-
-
-def _fetch(arrays: dict[str, jax.Array], n: int) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v)[:n] for k, v in arrays.items()}
-
-
-def _as_dict(inputs: StepInputs) -> dict[str, np.ndarray]:
-    return {f.name: getattr(inputs, f.name) for f in dataclasses.fields(inputs)}
