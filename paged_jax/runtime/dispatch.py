@@ -50,10 +50,11 @@ def _thread_compiles() -> int:
 
 
 class ExecutableKey(NamedTuple):
-    """One compiled executable: a step variant ("plain" | "prompt") or "advance" (a burst's
-    next inputs) of a (num_tokens, num_seqs) bucket, a selector (num_tokens 0), "controls"
-    (``runtime.controls``; num_tokens 0), "copy" (copy-on-write of up to num_seqs pages;
-    num_tokens 0), "widen" (num_tokens 0) or "feed" (num_seqs 0; ``runtime.feed``)."""
+    """One compiled executable: a step variant ("plain" | "prompt" | "decode") or "advance" (a
+    burst's next inputs) of a (num_tokens, num_seqs) bucket, a selector (num_tokens 0),
+    "controls" (``runtime.controls``; num_tokens 0), "copy" (copy-on-write of up to num_seqs
+    pages; num_tokens 0), "widen" or "keep" (num_tokens 0) or "feed" (num_seqs 0;
+    ``runtime.feed``)."""
 
     num_tokens: int
     num_seqs: int

@@ -111,7 +111,7 @@ def make_select(
         return out
 
     def select(logits: jax.Array, raw: jax.Array, greedy: jax.Array, inputs: dict[str, Any]):
-        chosen = {k: inputs[k] for k in SELECT_INPUTS}  # [S] each: split into row tiles
-        return rows(select_rows, logits, raw, greedy, chosen)
+        # inputs: the SELECT_INPUTS only, [S] each, so that every leaf splits into row tiles
+        return rows(select_rows, logits, raw, greedy, inputs)
 
     return select
