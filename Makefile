@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint format clean
+.PHONY: run test test-gpu lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "paged_jax needs Python >= 3.11 (set PYTHON=...)")'
@@ -18,6 +18,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# On a CUDA machine: the `gpu`-marked tests, 4 processes sharing the GPU (they are compile-bound).
+test-gpu: $(VENV)/.installed
+	PY=$(PY) scripts/test_gpu.sh
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check paged_jax tests scripts
