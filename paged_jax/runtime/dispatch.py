@@ -24,6 +24,7 @@ from paged_jax.runtime.controls import STEP_INPUTS, pack_controls
 from paged_jax.runtime.inflight import InFlight, StepOutput, source_rows
 from paged_jax.runtime.pack import StepInputs, pack
 from paged_jax.runtime.select import GREEDY, SELECT_INPUTS, SelectMode, select_mode
+from paged_jax.runtime.wire import to_wire
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _compiles = threading.local()  # backend compiles of the current thread (its .count)
@@ -53,8 +54,8 @@ class ExecutableKey(NamedTuple):
     """One compiled executable: a step variant ("plain" | "prompt" | "decode") or "advance" (a
     burst's next inputs) of a (num_tokens, num_seqs) bucket, a selector (num_tokens 0),
     "controls" (``runtime.controls``; num_tokens 0), "copy" (copy-on-write of up to num_seqs
-    pages; num_tokens 0), "widen" or "keep" (num_tokens 0) or "feed" (num_seqs 0;
-    ``runtime.feed``)."""
+    pages; num_tokens 0), "widen" or "keep" (num_tokens 0; ``runtime.feed``), or "unpack" /
+    "unpack_feed" of a bucket (its inputs from one wire buffer; ``runtime.wire``)."""
 
     num_tokens: int
     num_seqs: int
@@ -153,16 +154,15 @@ class StepDispatch:
         if feed:
             previous, rows = feed
             host["source_rows"] = source_rows(host["cu_q_lens"], rows, bucket[0])
-        inputs = jax.device_put(host, self._replicated)
-        inflight = InFlight(plan, bucket, inputs, step)
-        if feed:  # the last input token of some rows is the step in flight's sample
             widen = self._executable(ExecutableKey(0, previous.bucket[1], "widen"))
-            fill = self._executable(ExecutableKey(bucket[0], 0, "feed"))
-        inflight.enqueued = packed = time.perf_counter()
-        inflight.previous_ready = feed is None or feed[0].ready()
-        if feed:
-            wide = widen(previous.last)
-            inputs["token_ids"] = fill(inputs.pop("token_ids"), inputs.pop("source_rows"), wide)
+        unpack = self._executable(ExecutableKey(*bucket, "unpack_feed" if feed else "unpack"))
+        flat = jax.device_put(to_wire(host), self._replicated)  # i32[N]: one transfer
+        packed = time.perf_counter()
+        previous_ready = feed is None or feed[0].ready()
+        # the last input token of some rows is the step in flight's sample
+        inputs = unpack(flat, widen(previous.last)) if feed else unpack(flat)
+        inflight = InFlight(plan, bucket, inputs, step, enqueued=packed,
+                            previous_ready=previous_ready)  # fmt: skip
         if plan.page_copies:  # before the step writes K/V into the copies
             self._copy_pages(plan.page_copies)
         self.kv, inflight.out = step(self.params, self.kv, inputs)

@@ -45,13 +45,13 @@ from paged_jax.runtime.dispatch import (
     _as_dict,
     _install_listener,
 )
-from paged_jax.runtime.feed import feed as feed_tokens
 from paged_jax.runtime.feed import keep_last, widen
 from paged_jax.runtime.pack import pack
 from paged_jax.runtime.select import GREEDY, SELECT_INPUTS, SelectMode, make_select
 from paged_jax.runtime.state import KVState, copy_pages
 from paged_jax.runtime.step import VARIANTS, StepFn, invariant_rows, make_step
 from paged_jax.runtime.warmup import compile_all
+from paged_jax.runtime.wire import layout_of, unpack, unpack_feed, wire_size
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,6 @@ class ModelRunner(StepDispatch):
         self._advance = jax.jit(functools.partial(advance, page_size=page_size))
         self._copy = jax.jit(copy_pages, donate_argnums=(0,))
         self._widen = jax.jit(functools.partial(widen, size=buckets.seq_buckets[-1]))
-        self._feed = jax.jit(feed_tokens)
         self._keep_last = jax.jit(keep_last)
         # track each burst row's last sample (async scheduling feeds the next step from it)
         self.feeds_bursts = False
@@ -179,10 +178,17 @@ class ModelRunner(StepDispatch):
             return self._widen, (row,)
         if kind == "keep":
             return self._keep_last, (row, row, self._struct((), jnp.int32), row)
-        if kind == "feed":
-            tokens = self._struct((num_tokens,), jnp.int32)
+        if kind in ("unpack", "unpack_feed"):
+            if kind == "unpack_feed":
+                inputs["source_rows"] = self._struct((max(num_tokens, num_seqs),), jnp.int32)
+            layout = layout_of(inputs)
+            flat = self._struct((wire_size(layout),), jnp.int32)
+            shardings = {} if self.mesh is None else {"out_shardings": self._replicated}
+            if kind == "unpack":
+                return jax.jit(functools.partial(unpack, layout=layout), **shardings), (flat,)
             wide = self._struct((self.buckets.seq_buckets[-1],), jnp.int32)
-            return self._feed, (tokens, tokens, wide)
+            fn = jax.jit(functools.partial(unpack_feed, layout=layout), **shardings)
+            return fn, (flat, wide)
         if kind == "advance":
             return self._advance, (inputs, row, row, row, self._struct((), jnp.int32))
         return self._steps[kind], (self.params, self.kv, inputs)
@@ -225,10 +231,12 @@ class ModelRunner(StepDispatch):
     ) -> list:
         """Every executable warmup compiles: the step of each reachable bucket (and its
         decode-only and prompt-scoring variants where they apply), the selectors, the page
-        copies, the burst advances and async scheduling's token feeds."""
+        copies, the burst advances, the input unpacking of each bucket (``runtime.wire``; with
+        async scheduling also its token-feeding twin)."""
         variants = ("plain", "prompt") if logprobs else ("plain",)
         reachable = self.buckets.reachable()
         keys = [ExecutableKey(*bucket, v) for bucket in reachable for v in variants]
+        keys += [ExecutableKey(*bucket, "unpack") for bucket in reachable]
         if self.decode_variant:
             decode = [b for b in self.buckets.decode_buckets() if b[0] == b[1]]
             keys += [ExecutableKey(*b, "decode") for b in decode]
@@ -248,7 +256,7 @@ class ModelRunner(StepDispatch):
             if decode_bursts:
                 burst_seqs = sorted({s for _, s in self.buckets.decode_buckets()})
                 keys += [ExecutableKey(0, s, "keep") for s in burst_seqs]
-            keys += [ExecutableKey(t, 0, "feed") for t in sorted({t for t, _ in reachable})]
+            keys += [ExecutableKey(*bucket, "unpack_feed") for bucket in reachable]
         return keys
 
     def fill_free_pages(self, page_ids: list[int], value: float = float("nan")) -> None:

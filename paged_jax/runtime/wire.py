@@ -1,0 +1,79 @@
+"""A step's host inputs sent to the device as one buffer.
+
+``pack`` makes 17 small arrays per step (``runtime.pack.StepInputs``). Sent one by one, each is
+its own host-to-device transfer, and on a small model their dispatch is a large share of the
+step. ``to_wire`` lays them end to end in one i32 buffer (f32 and u32 bit for bit, bool as 0 /
+1); ``from_wire``, inside a tiny executable per bucket, cuts it back into the same arrays on the
+device. With async scheduling the same executable also feeds each placeholder token from the
+step in flight's samples (``runtime.feed``), so a step costs one transfer and the same number
+of executable calls as before.
+
+A ``Layout`` is the static (name, shape, dtype) list of a bucket's inputs, in ``pack``'s order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paged_jax.runtime.feed import feed
+
+Layout = tuple[tuple[str, tuple[int, ...], str], ...]
+
+_WIRE_DTYPES = ("int32", "uint32", "float32", "bool")
+
+
+def layout_of(arrays: dict[str, Any]) -> Layout:
+    """The layout of host arrays or ``jax.ShapeDtypeStruct``s, in their order."""
+    out = []
+    for name, a in arrays.items():
+        dtype = np.dtype(a.dtype).name
+        if dtype not in _WIRE_DTYPES:
+            raise TypeError(f"step input {name!r} is {dtype}; the wire carries {_WIRE_DTYPES}")
+        out.append((name, tuple(a.shape), dtype))
+    return tuple(out)
+
+
+def wire_size(layout: Layout) -> int:
+    return sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in layout)
+
+
+def to_wire(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Host arrays -> i32[N], end to end in dict order (f32 / u32 reinterpreted, bool 0 / 1)."""
+    parts = []
+    for a in arrays.values():
+        a = np.ascontiguousarray(a).reshape(-1)
+        parts.append(a.astype(np.int32) if a.dtype == np.bool_ else a.view(np.int32))
+    return np.concatenate(parts)
+
+
+def from_wire(flat: jax.Array, layout: Layout) -> dict[str, jax.Array]:
+    """i32[N] -> the arrays of ``layout``, with their shapes and dtypes (on the device)."""
+    out, offset = {}, 0
+    for name, shape, dtype in layout:
+        size = int(np.prod(shape, dtype=np.int64))
+        part = flat[offset : offset + size].reshape(shape)
+        offset += size
+        if dtype == "bool":
+            part = part != 0
+        elif dtype != "int32":
+            part = jax.lax.bitcast_convert_type(part, jnp.dtype(dtype))
+        out[name] = part
+    return out
+
+
+def unpack(flat: jax.Array, *, layout: Layout) -> dict[str, jax.Array]:
+    """The step inputs of one bucket from its wire buffer."""
+    return from_wire(flat, layout)
+
+
+def unpack_feed(flat: jax.Array, previous: jax.Array, *, layout: Layout) -> dict[str, jax.Array]:
+    """``unpack`` of a layout that ends in ``source_rows`` i32[T]: each token with a source row
+    >= 0 becomes that row's sample in ``previous`` i32[S_max] (``feed.widen``'s)."""
+    inputs = from_wire(flat, layout)
+    rows = inputs.pop("source_rows")
+    inputs["token_ids"] = feed(inputs["token_ids"], rows, previous)
+    return inputs
