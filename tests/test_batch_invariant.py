@@ -6,14 +6,11 @@ other prompts, where the default mode is known to differ (issue 17: its tokens d
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
 
 from paged_jax import LLM, SamplingParams
-from paged_jax.model import presets
 
 GREEDY = SamplingParams(
     temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3, detokenize=False
@@ -99,17 +96,16 @@ def test_batch_invariant_rejected_on_tpu_kernel():
 
 
 @pytest.mark.gpu
-def test_gpu_bitwise_whatever_the_batch(monkeypatch):
-    """llama-1b's layer shapes (4 of its 16 layers: each layer is the same, the compile is 4x
+def test_gpu_bitwise_whatever_the_batch(short_preset):
+    """llama-1b's layer shapes (4 of its 16 layers: each layer is the same, the compile is
     shorter) in bf16: one prompt alone and inside batches of 1..63 other prompts, also chunked
     (a 64-token budget, no bursts) and after a prefix-cache hit."""
     assert jax.default_backend() == "gpu"
-    short = dataclasses.replace(presets.PRESETS["llama-1b"], num_layers=4)
-    monkeypatch.setitem(presets.PRESETS, "llama-1b-4l", short)
+    model = short_preset("llama-1b", 4)
     opts = dict(max_model_len=512, max_num_seqs=64, num_pages=2048, warmup=False)
     rng = np.random.default_rng(5)
     target = rng.integers(0, 128256, 100).tolist()
-    llm = LLM("random:llama-1b-4l", batch_invariant=True, max_num_batched_tokens=512, **opts)
+    llm = LLM(model, batch_invariant=True, max_num_batched_tokens=512, **opts)
     alone = run(llm, target, GREEDY, [])
     for count in (1, 3, 7, 15, 31, 63):
         assert run(llm, target, GREEDY, others(rng, count, 128256, 200)) == alone, count
@@ -117,7 +113,7 @@ def test_gpu_bitwise_whatever_the_batch(monkeypatch):
     assert run(llm, target, GREEDY, others(rng, 7, 128256, 200)) == alone
     llm.close()
     chunked = LLM(
-        "random:llama-1b-4l", batch_invariant=True, max_num_batched_tokens=64, decode_steps=1,
+        model, batch_invariant=True, max_num_batched_tokens=64, decode_steps=1,
         **opts,
     )  # fmt: skip
     assert run(chunked, target, GREEDY, others(rng, 7, 128256, 100)) == alone

@@ -4,22 +4,18 @@ full-precision matmuls so the two differ only by rounding inside attention)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
 
 from paged_jax import LLM, SamplingParams
-from paged_jax.model import presets
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # two engines compiled on demand
 
 
-def test_gpu_kernel_engine_matches_reference(monkeypatch):
-    # every layer has the same shapes; 4 layers keep the comparison and cut the compile 7x
-    short = dataclasses.replace(presets.PRESETS["smollm2-135m"], num_layers=4)
-    monkeypatch.setitem(presets.PRESETS, "smollm2-135m-4l", short)
+def test_gpu_kernel_engine_matches_reference(short_preset):
+    # every layer has the same shapes: 4 keep the comparison and shorten the compile
+    model = short_preset("smollm2-135m", 4)
     assert jax.default_backend() == "gpu"
     rng = np.random.default_rng(0)
     lengths = [1, 5, 17, 64, 100, 250, 3, 40]
@@ -32,7 +28,7 @@ def test_gpu_kernel_engine_matches_reference(monkeypatch):
     outputs = {}
     with jax.default_matmul_precision("highest"):
         for impl in ("gpu", "reference"):
-            llm = LLM("random:smollm2-135m-4l", attn_impl=impl, **opts)
+            llm = LLM(model, attn_impl=impl, **opts)
             outs = llm.generate(prompts, params, use_tqdm=False)
             outputs[impl] = [o.outputs[0].token_ids for o in outs]
     assert outputs["gpu"] == outputs["reference"]

@@ -51,7 +51,7 @@ from paged_jax.runtime.select import GREEDY, SELECT_INPUTS, SelectMode, make_sel
 from paged_jax.runtime.state import KVState, copy_pages
 from paged_jax.runtime.step import VARIANTS, StepFn, invariant_rows, make_step
 from paged_jax.runtime.warmup import compile_all
-from paged_jax.runtime.wire import layout_of, unpack, unpack_feed, wire_size
+from paged_jax.runtime.wire import from_wire, layout_of, unpack_feed, wire_size
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class ModelRunner(StepDispatch):
             flat = self._struct((wire_size(layout),), jnp.int32)
             shardings = {} if self.mesh is None else {"out_shardings": self._replicated}
             if kind == "unpack":
-                return jax.jit(functools.partial(unpack, layout=layout), **shardings), (flat,)
+                return jax.jit(functools.partial(from_wire, layout=layout), **shardings), (flat,)
             wide = self._struct((self.buckets.seq_buckets[-1],), jnp.int32)
             fn = jax.jit(functools.partial(unpack_feed, layout=layout), **shardings)
             return fn, (flat, wide)

@@ -5,8 +5,8 @@ its own host-to-device transfer, and on a small model their dispatch is a large 
 step. ``to_wire`` lays them end to end in one i32 buffer (f32 and u32 bit for bit, bool as 0 /
 1); ``from_wire``, inside a tiny executable per bucket, cuts it back into the same arrays on the
 device. With async scheduling the same executable also feeds each placeholder token from the
-step in flight's samples (``runtime.feed``), so a step costs one transfer and the same number
-of executable calls as before.
+step in flight's samples (``runtime.feed``, in place of its own executable), so a fed step
+costs one transfer and as many executable calls as before; an unfed step costs one call more.
 
 A ``Layout`` is the static (name, shape, dtype) list of a bucket's inputs, in ``pack``'s order.
 """
@@ -63,11 +63,6 @@ def from_wire(flat: jax.Array, layout: Layout) -> dict[str, jax.Array]:
             part = jax.lax.bitcast_convert_type(part, jnp.dtype(dtype))
         out[name] = part
     return out
-
-
-def unpack(flat: jax.Array, *, layout: Layout) -> dict[str, jax.Array]:
-    """The step inputs of one bucket from its wire buffer."""
-    return from_wire(flat, layout)
 
 
 def unpack_feed(flat: jax.Array, previous: jax.Array, *, layout: Layout) -> dict[str, jax.Array]:
