@@ -101,6 +101,8 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
         batch_invariant=cfg.batch_invariant,
     )
     runner.feeds_bursts = cfg.async_scheduling
+    fused = cfg.fused_bursts if cfg.fused_bursts is not None else jax.default_backend() != "cpu"
+    runner.fused_burst_steps = cfg.decode_steps if fused and cfg.decode_steps > 1 else 0
     metrics = EngineMetrics(kv_cache)
     driver = Driver(
         scheduler,

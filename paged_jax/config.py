@@ -43,6 +43,8 @@ class EngineConfig:
     decode_steps: int = 8  # decode bursts: most decode steps per host round trip (1: off)
     # plan and pack step n + 1 while the device runs step n (same tokens; driver docstring)
     async_scheduling: bool = True
+    # a burst of decode_steps steps as one executable (runtime/burst.py); None: off on CPU only
+    fused_bursts: bool | None = None
     seed: int = 0  # seeds unseeded requests (each still gets its own stream)
     tensor_parallel_size: int = 1  # shard the model over this many local devices (runtime/tp)
     batch_invariant: bool = False  # a request's tokens and logprobs bitwise whatever the batch

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from profile_step import build, decode_inputs, random_kv  # noqa: E402
 
 from paged_jax.model.presets import init_random_params, preset_config  # noqa: E402
+from paged_jax.runtime import step as step_module  # noqa: E402
 
 
 def host_per_call(fn, args, calls: int, donate: bool) -> dict:
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--loop", type=int, default=0, help="also K steps in one fori_loop")
     ap.add_argument("--step-only", action="store_true", help="skip the buffer and kernel probes")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -123,24 +125,50 @@ def step_probe(result: dict, args: argparse.Namespace) -> None:
                            args.page_size, num_pages)  # fmt: skip
     step = build(cfg, "full", params, kv, inputs)
     leaves = len(jax.tree.leaves((params, kv, inputs)))
+    result["step"], kv = time_calls(lambda kv: step(params, kv, inputs), kv, args.calls)
+    result["step"].update(argument_leaves=leaves, entry=hlo_split(step.as_text()))
+    if not args.loop:
+        return
+    # K steps in one executable (a fori_loop over the step; kv in the carry), per step
+    fn = step_module.make_step(cfg, variant="decode")
 
-    def call(kv):
-        return step(params, kv, inputs)
+    def loop(params, kv, inputs):
+        def body(_, carry):
+            kv, greedy = carry
+            kv, out = fn(params, kv, inputs)
+            return kv, greedy + out["greedy"]
 
-    out = call(kv)
+        return jax.lax.fori_loop(0, args.loop, body, (kv, inputs["token_ids"]))
+
+    commands = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
+    for name, options in (
+        ("loop", None),
+        ("loop+WHILE", {"xla_gpu_enable_command_buffer": commands}),
+    ):
+        try:
+            lowered = jax.jit(loop, donate_argnums=(1,)).lower(params, kv, inputs)
+            compiled = lowered.compile(options) if options else lowered.compile()
+        except Exception as e:  # noqa: BLE001 - report and go on
+            result[name] = {"host_us": 0.0, "wall_us": 0.0, "error": str(e)[:300]}
+            continue
+        r, kv = time_calls(lambda kv, c=compiled: c(params, kv, inputs), kv, args.calls)
+        result[name] = {k: v / args.loop for k, v in r.items()} | {"steps_per_call": args.loop}
+
+
+def time_calls(call, kv, calls: int) -> tuple[dict, object]:
+    """Host enqueue and wall seconds per call of ``call(kv) -> (kv, out)``, best of 3."""
+    kv, out = call(kv)
     jax.block_until_ready(out)
-    kv = out[0]
     host, wall = float("inf"), float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        for _ in range(args.calls):
-            kv, logits = call(kv)
+        for _ in range(calls):
+            kv, out = call(kv)
         enqueued = time.perf_counter()
-        jax.block_until_ready(logits)
-        host = min(host, (enqueued - start) / args.calls)
-        wall = min(wall, (time.perf_counter() - start) / args.calls)
-    result["step"] = {"host_us": host * 1e6, "wall_us": wall * 1e6, "argument_leaves": leaves,
-                      "entry": hlo_split(step.as_text())}  # fmt: skip
+        jax.block_until_ready(out)
+        host = min(host, (enqueued - start) / calls)
+        wall = min(wall, (time.perf_counter() - start) / calls)
+    return {"host_us": host * 1e6, "wall_us": wall * 1e6}, kv
 
 
 if __name__ == "__main__":

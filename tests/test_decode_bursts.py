@@ -71,10 +71,12 @@ def test_advance_equals_packing_the_next_step():
     np.testing.assert_array_equal(np.asarray(nxt["slot_mapping"][3:]) // PAGE, 0)
 
 
-def _run(decode_steps: int, num_pages: int, prompts, params):
-    llm = LLM("random:tiny", num_pages=num_pages, decode_steps=decode_steps, **OPTS)
+def _run(decode_steps: int, num_pages: int, prompts, params, fused: bool = False):
+    llm = LLM("random:tiny", num_pages=num_pages, decode_steps=decode_steps,
+              fused_bursts=fused, **OPTS)  # fmt: skip
     outs = llm.generate(prompts, params, use_tqdm=False)
     stats = llm.stats()
+    stats["fused_bursts"] = llm._driver.runner.num_fused_bursts
     assert stats["compiles_after_warmup"] == 0
     kv = llm.kv_cache
     assert kv.num_used_pages == 0 and kv.num_free_pages == num_pages - 1
@@ -107,6 +109,10 @@ def test_outputs_do_not_depend_on_decode_steps(num_pages):
     burst, burst_stats, num_bursts = _run(8, num_pages, prompts, params)
     assert burst == single
     assert single_bursts == 0 and num_bursts > 0
+    # the same bursts, those of all 8 steps as one executable each (runtime.burst.make_fused)
+    fused, fused_stats, _ = _run(8, num_pages, prompts, params, fused=True)
+    assert fused == single
+    assert burst_stats["fused_bursts"] == 0 and fused_stats["fused_bursts"] > 0
     assert {reason for _, reason in single} == {"stop", "length"}
     assert burst_stats["output_tokens"] == single_stats["output_tokens"]
     if num_pages == 22:

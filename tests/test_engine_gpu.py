@@ -33,3 +33,28 @@ def test_gpu_kernel_engine_matches_reference(short_preset):
             outputs[impl] = [o.outputs[0].token_ids for o in outs]
     assert outputs["gpu"] == outputs["reference"]
     assert all(len(t) == 24 for t in outputs["gpu"])
+
+
+def test_fused_bursts_match_step_by_step_bursts(short_preset):
+    # a burst as one executable (runtime.burst.make_fused) against its steps dispatched one by
+    # one: same kernel, same tokens, greedy and sampled rows (bf16, llama-1b's layer shapes)
+    model = short_preset("llama-1b", 2)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 32000, n).tolist() for n in (3, 30, 70, 9, 120, 1)]
+    params = [
+        SamplingParams(max_tokens=33, ignore_eos=True, detokenize=False, seed=i,
+                       temperature=0.0 if i % 2 else 0.7, top_p=1.0 if i % 3 else 0.9)
+        for i in range(len(prompts))
+    ]  # fmt: skip
+    opts = dict(
+        dtype="bfloat16", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=128,
+        num_pages=256, warmup=False, decode_steps=8,
+    )  # fmt: skip
+    outputs, fused_counts = {}, {}
+    for fused in (False, True):
+        llm = LLM(model, fused_bursts=fused, **opts)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        outputs[fused] = [o.outputs[0].token_ids for o in outs]
+        fused_counts[fused] = llm._driver.runner.num_fused_bursts
+    assert outputs[True] == outputs[False]
+    assert fused_counts == {False: 0, True: fused_counts[True]} and fused_counts[True] > 0

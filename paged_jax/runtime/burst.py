@@ -8,15 +8,37 @@ for the whole burst). So the host packs once and reads the sampled ids once per 
 dispatches the steps back to back while the device works. A row whose own step count is
 reached idles: same token, same position, K/V written into NULL_PAGE, its samples ignored.
 
+With ``fused_bursts`` a burst of exactly ``decode_steps`` steps is instead one executable
+(``make_fused``): a ``fori_loop`` whose body is the step, the token selection, ``keep_last`` and
+``advance``. On a GPU every executable call costs the host about a microsecond per kernel
+(XLA updates the call's CUDA graph whenever a buffer address moves), about as long as a small
+model's step runs on the device; in a loop the host enqueues the burst once. The trip count is
+static, so XLA does not read a loop predicate back to the host.
+
 Rows: in a decode-only plan, q row i belongs to sequence i (one token each).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from paged_jax.engine.kv_cache import NULL_PAGE
+from paged_jax.runtime.feed import keep_last
+from paged_jax.runtime.select import GREEDY, SELECT_INPUTS, SelectMode
+
+
+class FusedBurst(NamedTuple):
+    """The kind of a fused burst's ``ExecutableKey``: its token selection."""
+
+    mode: SelectMode
+
+
+# the selections a burst can have (bursts never return logprobs: engine.burst)
+BURST_MODES = (GREEDY, SelectMode(True, False, False), SelectMode(True, True, False))
 
 
 def advance(
@@ -57,3 +79,38 @@ def advance(
     out["sample_positions"] = sample_positions
     out["suppress_eos"] = sample_positions < min_tokens
     return out, step + 1
+
+
+def make_fused(
+    step: Callable, select: Callable | None, *, num_steps: int, page_size: int
+) -> Callable:
+    """``fused(params, kv, inputs, steps, min_tokens) -> (kv, tokens, last)``: a whole burst.
+
+    ``step``: the (unjitted) step of ``runtime.step``; ``select``: the selector of the burst's
+    mode (None: greedy, the step's argmax); ``num_steps``: the loop's trip count (the burst's
+    length). steps i32[S] and min_tokens i32[S] as ``advance`` takes them; tokens i32[S, K]
+    (row i's sample of step j at [i, j]); last i32[S] (``keep_last`` over the burst).
+    """
+
+    def fused(params: Any, kv: Any, inputs: dict[str, jax.Array], steps, min_tokens):
+        num_seqs = steps.shape[0]
+
+        def body(j, carry):
+            kv, inputs, tokens, last = carry
+            kv, out = step(params, kv, inputs)
+            sampled = out["greedy"]
+            if select is not None:
+                chosen = {k: inputs[k] for k in SELECT_INPUTS}
+                sampled = select(out["logits"], out["logits"], sampled, chosen)["sampled"]
+            sampled = sampled.astype(jnp.int32)
+            tokens = jax.lax.dynamic_update_slice(tokens, sampled[:, None], (0, j))
+            last = keep_last(last, sampled, j, steps)
+            inputs, _ = advance(inputs, sampled, steps, min_tokens, j, page_size=page_size)
+            return kv, inputs, tokens, last
+
+        tokens = jnp.zeros((num_seqs, num_steps), jnp.int32)  # i32[S, K]
+        last = jnp.zeros(num_seqs, jnp.int32)  # i32[S]
+        kv, _, tokens, last = jax.lax.fori_loop(0, num_steps, body, (kv, inputs, tokens, last))
+        return kv, tokens, last
+
+    return fused

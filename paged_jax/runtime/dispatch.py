@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from paged_jax.engine.plan import StepPlan
+from paged_jax.runtime.burst import BURST_MODES, FusedBurst
 from paged_jax.runtime.controls import STEP_INPUTS, pack_controls
 from paged_jax.runtime.inflight import InFlight, StepOutput, source_rows
 from paged_jax.runtime.pack import StepInputs, pack
@@ -55,7 +56,8 @@ class ExecutableKey(NamedTuple):
     burst's next inputs) of a (num_tokens, num_seqs) bucket, a selector (num_tokens 0),
     "controls" (``runtime.controls``; num_tokens 0), "copy" (copy-on-write of up to num_seqs
     pages; num_tokens 0), "widen" or "keep" (num_tokens 0; ``runtime.feed``), or "unpack" /
-    "unpack_feed" of a bucket (its inputs from one wire buffer; ``runtime.wire``)."""
+    "unpack_feed" of a bucket (its inputs from one wire buffer; ``runtime.wire``), or a
+    ``FusedBurst`` of a decode bucket (a whole burst in one executable; ``runtime.burst``)."""
 
     num_tokens: int
     num_seqs: int
@@ -88,7 +90,7 @@ class StepDispatch:
         ``feed``: (the step in flight, per row the row of it whose sample is this row's last
         input token, or -1; ``engine.plan.feed_rows``)."""
         with self._counting():
-            inflight = self._start(plan, feed)
+            inflight = self._start(plan, feed, token_masks)
             if not masks_later:
                 self._dispatch_select(inflight, token_masks or {})
             return inflight
@@ -102,7 +104,8 @@ class StepDispatch:
         """Wait for a started step and read back its sampled ids (and logprobs)."""
         start = time.perf_counter()
         n, plan = inflight.plan.num_seqs, inflight.plan
-        tokens = np.stack(jax.device_get(inflight.sampled), axis=1)[:n]  # i32[n, burst_len]
+        got = jax.device_get(inflight.sampled)  # i32[S] per step, or a fused burst's i32[S, K]
+        tokens = np.concatenate([a.reshape(a.shape[0], -1) for a in got], axis=1)[:n]
         result = StepOutput(
             sampled=tokens if plan.num_steps else tokens[:, 0],
             logprobs=_fetch(inflight.logprobs, n) if inflight.logprobs is not None else None,
@@ -134,14 +137,21 @@ class StepDispatch:
         copy = self._executable(ExecutableKey(0, num_copies, "copy"))
         self.kv = copy(self.kv, *jax.device_put((pairs[0], pairs[1]), self._replicated))
 
-    def _start(self, plan: StepPlan, feed: tuple[InFlight, tuple[int, ...]] | None) -> InFlight:
+    def _start(
+        self,
+        plan: StepPlan,
+        feed: tuple[InFlight, tuple[int, ...]] | None,
+        token_masks: dict[int, np.ndarray] | None,
+    ) -> InFlight:
         start = time.perf_counter()
         n = plan.num_seqs
         want_prompt = any(i.prompt_targets for i in plan.scheduled)
         bucket = self.buckets.pick_bucket(plan.num_tokens, n)  # a burst: one token per row
+        fused = self._fused_key(plan, bucket, token_masks)
         step = self._executable(
-            ExecutableKey(*bucket, _step_variant(plan, bucket, want_prompt, self.decode_variant))
-        )
+            fused or ExecutableKey(*bucket, _step_variant(plan, bucket, want_prompt,
+                                                          self.decode_variant))
+        )  # fmt: skip
         host = _as_dict(
             pack(
                 plan,
@@ -165,13 +175,23 @@ class StepDispatch:
                             previous_ready=previous_ready)  # fmt: skip
         if plan.page_copies:  # before the step writes K/V into the copies
             self._copy_pages(plan.page_copies)
-        self.kv, inflight.out = step(self.params, self.kv, inputs)
+        if fused:
+            burst = self._burst_state(plan, bucket)
+            self.kv, tokens, inflight.last = step(
+                self.params, self.kv, inputs, burst["num_steps"], burst["min_tokens"]
+            )
+            inflight.sampled, inflight.last_exact, inflight.fused = [tokens], True, True
+            self.num_fused_bursts += 1
+        else:
+            self.kv, inflight.out = step(self.params, self.kv, inputs)
         inflight.pack_s = packed - start
         inflight.dispatch_s = time.perf_counter() - packed
         return inflight
 
     def _dispatch_select(self, inflight: InFlight, token_masks: dict[int, np.ndarray]) -> None:
         """The token selection of a started step (a burst: every further step as well)."""
+        if inflight.fused:  # the fused burst selected its tokens
+            return
         start = time.perf_counter()
         plan, bucket, inputs = inflight.plan, inflight.bucket, inflight.inputs
         mode = select_mode(plan)
@@ -217,6 +237,21 @@ class StepDispatch:
         inflight.last_exact = not plan.num_steps or self.feeds_bursts
         inflight.dispatch_s += time.perf_counter() - start
 
+    def _fused_key(
+        self,
+        plan: StepPlan,
+        bucket: tuple[int, int],
+        token_masks: dict[int, np.ndarray] | None,
+    ) -> ExecutableKey | None:
+        """The fused burst that runs this plan, if one does: a burst of exactly
+        ``fused_burst_steps`` steps whose rows use no logits controls or token masks."""
+        if not plan.num_steps or plan.burst_len != self.fused_burst_steps or token_masks:
+            return None
+        if any(i.sample and i.params.uses_controls for i in plan.scheduled):
+            return None
+        mode = select_mode(plan)
+        return ExecutableKey(*bucket, FusedBurst(mode)) if mode in BURST_MODES else None
+
     def _burst_state(self, plan: StepPlan, bucket: tuple[int, int]) -> dict[str, jax.Array]:
         """advance's per-burst arguments, on the device: steps per row, min_tokens, step 0."""
         num_steps = np.zeros(bucket[1], np.int32)  # i32[S]
@@ -236,9 +271,14 @@ def _step_variant(plan: StepPlan, bucket: tuple[int, int], prompt: bool, decode:
     """The step executable a plan runs on: prompt scoring, decode-only, or plain."""
     if prompt:
         return "prompt"
-    if decode and plan.num_tokens == plan.num_seqs and bucket[0] == bucket[1]:
-        return "decode"
+    if plan.num_tokens == plan.num_seqs:
+        return _step_variant_of_burst(*bucket, decode)
     return "plain"
+
+
+def _step_variant_of_burst(num_tokens: int, num_seqs: int, decode: bool) -> str:
+    """The step variant of a decode-only plan in bucket (num_tokens, num_seqs)."""
+    return "decode" if decode and num_tokens == num_seqs else "plain"
 
 
 def _fetch(arrays: dict[str, jax.Array], n: int) -> dict[str, np.ndarray]:

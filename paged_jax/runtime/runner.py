@@ -37,13 +37,14 @@ from paged_jax.model.layers import all_rows
 from paged_jax.model.llama import Params
 from paged_jax.runtime import tp
 from paged_jax.runtime.buckets import Buckets
-from paged_jax.runtime.burst import advance
+from paged_jax.runtime.burst import BURST_MODES, FusedBurst, advance, make_fused
 from paged_jax.runtime.controls import STEP_INPUTS, make_process, pack_controls
 from paged_jax.runtime.dispatch import (
     ExecutableKey,
     StepDispatch,
     _as_dict,
     _install_listener,
+    _step_variant_of_burst,
 )
 from paged_jax.runtime.feed import keep_last, widen
 from paged_jax.runtime.pack import pack
@@ -101,16 +102,13 @@ class ModelRunner(StepDispatch):
                            "interpreter, for checking, not for speed")  # fmt: skip
         self.batch_invariant = batch_invariant
         rows = invariant_rows(self.attn_impl) if batch_invariant else all_rows
+        self._step_options = dict(
+            attn_impl=self.attn_impl, eos_token_ids=eos_token_ids, batch_invariant=batch_invariant
+        )
         self._steps = {
             variant: jax.jit(
-                self._make_step(
-                    attn_impl=self.attn_impl,
-                    eos_token_ids=eos_token_ids,
-                    variant=variant,
-                    batch_invariant=batch_invariant,
-                ),  # fmt: skip
-                donate_argnums=(1,),
-            )
+                self._make_step(variant=variant, **self._step_options), donate_argnums=(1,)
+            )  # fmt: skip
             for variant in VARIANTS
         }
         # Decode-only steps get their own executables where the kernel gains from knowing it.
@@ -121,6 +119,9 @@ class ModelRunner(StepDispatch):
         self._keep_last = jax.jit(keep_last)
         # track each burst row's last sample (async scheduling feeds the next step from it)
         self.feeds_bursts = False
+        # bursts of this many steps run as one executable (runtime.burst.make_fused); 0: never
+        self.fused_burst_steps = 0
+        self.num_fused_bursts = 0  # fused bursts dispatched
         self._process = jax.jit(make_process(eos_token_ids, cfg.vocab_size))
         self._select = functools.partial(make_select, eos_token_ids=eos_token_ids,
                                          vocab_size=cfg.vocab_size, rows=rows)  # fmt: skip
@@ -191,7 +192,18 @@ class ModelRunner(StepDispatch):
             return fn, (flat, wide)
         if kind == "advance":
             return self._advance, (inputs, row, row, row, self._struct((), jnp.int32))
+        if isinstance(kind, FusedBurst):
+            return self._fused(key), (self.params, self.kv, inputs, row, row)
         return self._steps[kind], (self.params, self.kv, inputs)
+
+    def _fused(self, key: ExecutableKey) -> Any:
+        """The jitted fused burst of a decode bucket and selection (``runtime.burst``)."""
+        num_tokens, num_seqs, kind = key
+        variant = _step_variant_of_burst(num_tokens, num_seqs, self.decode_variant)
+        step = self._make_step(variant=variant, **self._step_options)
+        select = None if kind.mode == GREEDY else self._select(kind.mode)
+        fused = make_fused(step, select, num_steps=self.fused_burst_steps, page_size=self.page_size)
+        return jax.jit(fused, donate_argnums=(1,))
 
     def _lower(self, key: ExecutableKey) -> Any:
         fn, args = self.lower_args(key)
@@ -251,6 +263,9 @@ class ModelRunner(StepDispatch):
         keys += [ExecutableKey(0, s, "copy") for s in self.buckets.seq_buckets]
         if decode_bursts:
             keys += [ExecutableKey(*b, "advance") for b in self.buckets.decode_buckets()]
+            if self.fused_burst_steps:
+                keys += [ExecutableKey(*b, FusedBurst(mode)) for b in
+                         self.buckets.decode_buckets() for mode in BURST_MODES]  # fmt: skip
         if async_scheduling:
             keys += [ExecutableKey(0, s, "widen") for s in self.buckets.seq_buckets]
             if decode_bursts:
