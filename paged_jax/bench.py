@@ -190,8 +190,18 @@ def _timeline_metrics(llm: Any, limit_bytes_per_s: float | None) -> dict[str, An
         limit_bytes_per_s *= llm.config.tensor_parallel_size
         mbu = decode_bytes / decode_s / limit_bytes_per_s
         mbu_device = decode_bytes / device_s / limit_bytes_per_s
+    # where the device waited: bursts, single decode steps, steps with prefill tokens; with
+    # the host's own seconds in each (schedule, pack, dispatch, update)
+    fields = ("step_s", "idle_s", "schedule_s", "pack_s", "dispatch_s", "update_s")
+    by_kind = {k: dict.fromkeys(("records", *fields), 0) for k in ("burst", "decode", "mixed")}
+    for r in steps:
+        kind = "burst" if r.num_steps > 1 else "decode" if r.num_tokens == r.num_seqs else "mixed"
+        by_kind[kind]["records"] += 1
+        for f in fields:
+            by_kind[kind][f] += getattr(r, f)
     return {
         "host_overhead_share": host_s / float(step_s.sum()),
+        "idle_by_kind": by_kind,
         "host_work_share": max(0.0, work_s) / float(step_s.sum()),
         "dispatch_share": sums["dispatch_s"] / float(step_s.sum()),
         "step_mean_s": float(step_s.sum()) / num_steps,
@@ -435,6 +445,9 @@ def to_markdown(r: dict[str, Any]) -> str:
         ("host-only (device idle) / host work / dispatch share of step time",
          f"{r['host_overhead_share']:.3f} / {r['host_work_share']:.3f} / "
          f"{r['dispatch_share']:.3f}"),
+        ("device idle s / step s (records): bursts, decodes, prefill or mixed", ", ".join(
+            f"{v['idle_s']:.3f} / {v['step_s']:.3f} ({v['records']})"
+            for v in r["idle_by_kind"].values())),
         ("step mean (ms) and components", f"{1e3 * r['step_mean_s']:.2f}: {comps}"),
         ("three biggest step costs", ", ".join(k[:-2] for k in r["biggest_step_costs"])),
         ("compiles after warmup", str(r["compiles_after_warmup"])),
