@@ -401,6 +401,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "init_seconds": init_s,
         "series": _series(llm, start),
     }
+    if args.timeline:  # every step record, times from the start of the timed run
+        result["timeline"] = [{**r._asdict(), "time": r.time - start} for r in llm.timeline]
     llm.close()
     return result
 
@@ -499,10 +501,15 @@ def write_results(r: dict[str, Any], out_dir: str, stem: str) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    timeline = r.get("timeline")
+    r = {k: v for k, v in r.items() if k != "timeline"}
     paths[0].write_text(json.dumps(_finite(r), indent=1) + "\n")
     paths[1].write_text(to_markdown(r))
     if write_plot(r, out / f"{stem}.png"):
         paths.append(out / f"{stem}.png")
+    if timeline is not None:
+        paths.append(out / f"{stem}.timeline.jsonl")
+        paths[-1].write_text("".join(json.dumps(row) + "\n" for row in timeline))
     return paths
 
 
@@ -539,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", default="out/bench", help="directory for the .json, .md and .png")
     add("--tag", default=None, help="names the output files; default <model>-<mode>")
     add("--progress", action="store_true", help="show a progress bar")
+    add("--timeline", action="store_true", help="also write every step record (.timeline.jsonl)")
     add("overrides", nargs="*", help="engine config overrides, key=value")
     return ap  # fmt: skip
 
@@ -554,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stem = args.tag or f"{result['engine_options']['model']}-{result['mode']}"
     paths = write_results(result, args.out, re.sub(r"[^A-Za-z0-9_.-]+", "-", stem))
-    print(json.dumps(_finite({k: v for k, v in result.items() if k not in ("series", "args")})))
+    skip = ("series", "args", "timeline")
+    print(json.dumps(_finite({k: v for k, v in result.items() if k not in skip})))
     for path in paths:
         logger.info("wrote %s", path)
     return 0

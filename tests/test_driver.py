@@ -175,6 +175,22 @@ def test_interleaved_streams_each_get_their_own_text(smol, expected):
     assert_idle(smol)
 
 
+def test_step_loops_freeze_the_heap_until_the_last_ends(smol, expected):
+    """The collector skips the objects that existed when the loop started (no full pass over
+    the engine mid-run) while any stream or generate is running, and nothing stays frozen."""
+    assert gc.get_freeze_count() == 0
+    a, b = smol.stream(PROMPTS[0], TEXT), smol.stream(PROMPTS[1], TEXT)
+    first_a = next(a)
+    frozen = gc.get_freeze_count()
+    assert frozen > 1000  # the engine, its executables, this test's objects
+    first_b = next(b)  # a second loop: the heap stays frozen as it is
+    assert first_a + "".join(a) == expected[PROMPTS[0]]
+    assert gc.get_freeze_count() > 1000  # b still runs
+    assert first_b + "".join(b) == expected[PROMPTS[1]]
+    assert gc.get_freeze_count() == 0
+    assert_idle(smol)
+
+
 @pytest.mark.parametrize("how", ["close", "del"])
 def test_abandoned_stream_frees_its_pages(smol, expected, how):
     g = smol.stream(PROMPTS[3], TEXT)
