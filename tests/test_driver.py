@@ -178,11 +178,10 @@ def test_interleaved_streams_each_get_their_own_text(smol, expected):
 def test_step_loops_freeze_the_heap_until_the_last_ends(smol, expected):
     """The collector skips the objects that existed when the loop started (no full pass over
     the engine mid-run) while any stream or generate is running, and nothing stays frozen."""
-    assert gc.get_freeze_count() == 0
+    before = gc.get_freeze_count()  # 0 here; an image may freeze a few hundred at import
     a, b = smol.stream(PROMPTS[0], TEXT), smol.stream(PROMPTS[1], TEXT)
     first_a = next(a)
-    frozen = gc.get_freeze_count()
-    assert frozen > 1000  # the engine, its executables, this test's objects
+    assert gc.get_freeze_count() > before + 1000  # the engine, its executables, this test's
     first_b = next(b)  # a second loop: the heap stays frozen as it is
     assert first_a + "".join(a) == expected[PROMPTS[0]]
     assert gc.get_freeze_count() > 1000  # b still runs
