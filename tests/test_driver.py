@@ -181,7 +181,7 @@ def test_step_loops_freeze_the_heap_until_the_last_ends(smol, expected):
     before = gc.get_freeze_count()  # 0 here; an image may freeze a few hundred at import
     a, b = smol.stream(PROMPTS[0], TEXT), smol.stream(PROMPTS[1], TEXT)
     first_a = next(a)
-    assert gc.get_freeze_count() > before + 1000  # the engine, its executables, this test's
+    assert gc.get_freeze_count() > before + 1000  # the engine, its executables, the test
     first_b = next(b)  # a second loop: the heap stays frozen as it is
     assert first_a + "".join(a) == expected[PROMPTS[0]]
     assert gc.get_freeze_count() > 1000  # b still runs
