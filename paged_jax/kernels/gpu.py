@@ -5,7 +5,7 @@ Two Triton launches share one kernel body, each specialised by static tile sizes
 - decode grid (S, Hkv, num_splits): one program per (sequence with q_len 1, kv head, kv split).
   All q heads of the kv head's group form the rows of one matmul (padded to 16 for the tensor
   cores). With one split the program writes its normalised rows straight into the output; with
-  more, partial (acc, max, sum) go to a small XLA merge that also places the rows.
+  more, partial (acc, max, sum) go to one small merge launch (gpu_merge.py) that places the rows.
 - prefill grid (num_tiles, Hkv): one program per tile of `tokens` q rows of one sequence with
   q_len > 1 (a chunk), rows x group heads as matmul rows. Each program finds its tile from
   cu_q_lens in-kernel (a cumsum over sequences); programs past the last chunk tile write zeros
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from paged_jax.kernels import gpu_hopper
+from paged_jax.kernels import gpu_hopper, gpu_merge
 from paged_jax.kernels.common import AttentionShape, check_attention_args
 from paged_jax.kernels.gpu_body import Tile, kernel, pow2_ceil
 
@@ -226,24 +226,11 @@ def ragged_paged_attention(
              jax.ShapeDtypeStruct(partial_shape, jnp.float32)),
             dec_warps, dec_stages,
         )  # fmt: skip
-        o_dec, m_dec, l_dec = o_dec[:, :, :num_q_heads], m_dec[:, :, :num_q_heads], l_dec[..., :-1]
-        # Merge the splits: f32[S, Hq, D].
-        m_max = jnp.max(m_dec, axis=0)  # f32[S, Hq]; log2 domain
-        w = jnp.exp2(m_dec - m_max)  # f32[splits, S, Hq]
-        l_tot = jnp.sum(l_dec * w, axis=0)
-        o_seq = jnp.sum(o_dec * w[..., None], axis=0) / jnp.maximum(l_tot, 1e-30)[..., None]
-        o_seq = o_seq.astype(q.dtype)
-        if out is None:  # every row gets its sequence's row; chunk and padding rows come next
-            rows = o_seq[_row_seqs(cu_q_lens, num_seqs, num_tokens)]  # [T, Hq, D]
-            if decode_only:  # no chunk launch follows: zero the padding rows here
-                pad = jnp.arange(num_tokens) >= cu_q_lens[num_seqs[0]]  # bool[T]
-                rows = jnp.where(pad[:, None, None], jnp.zeros_like(rows), rows)
-            rows = rows.reshape(-1, head_dim)
-            return jnp.pad(rows, ((0, num_rows - rows.shape[0]), (0, 0)))
-        live = (jnp.arange(s_max) < num_seqs[0]) & (cu_q_lens[1:] - cu_q_lens[:-1] == 1)
-        row = jnp.where(live, cu_q_lens[:-1], num_tokens)  # out of range: dropped
-        out = out[: num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
-        return out.at[row].set(o_seq, mode="drop").reshape(num_rows, head_dim)
+        return gpu_merge.merge(
+            cu_q_lens, num_seqs, o_dec, m_dec, l_dec, out_shape if out is None else out,
+            group=shape.group, rows=dec_rows, num_q_heads=num_q_heads, num_tokens=num_tokens,
+            zero_dead=decode_only, interpret=interpret,
+        )  # fmt: skip
 
     # Calls with more rows than sequences (room for chunks) on Hopper: the Mosaic GPU prefill
     # kernel first, then decode rows into its output. Decode buckets (T <= S) and the rest:
@@ -270,15 +257,6 @@ def ragged_paged_attention(
         extra=(decode(None),), aliases={len(meta) + len(flat): 0},
     )  # fmt: skip
     return finish(out)
-
-
-def _row_seqs(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int) -> jax.Array:
-    """i32[T]: the (live) sequence each q row belongs to, clipped to S - 1."""
-    max_num_seqs = cu_q_lens.shape[0] - 1
-    rows = jnp.arange(num_tokens, dtype=jnp.int32)  # i32[T]
-    live_seq = jnp.arange(max_num_seqs) < num_seqs[0]
-    seq = jnp.sum((rows[:, None] >= cu_q_lens[None, 1:]) & live_seq, axis=1, dtype=jnp.int32)
-    return jnp.minimum(seq, max_num_seqs - 1)
 
 
 def _is_hopper() -> bool:
