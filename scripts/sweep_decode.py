@@ -6,7 +6,8 @@ For each head shape (Hq, Hkv, D: the issue's 32/8/128, llama2-7b's 32/32/128, ll
 32/8/64) and decode shape (B x ctx), times the default tiles, the defaults again (the noise
 floor), every variant of VARIANTS that applies to the shape (the ``small_batch_*`` knobs only
 where B * Hkv <= small_batch_programs, the ``decode_*`` knobs only above), and cuDNN on
-contiguous K/V, sampled in turn (``bench_kernel.time_interleaved``). "x limit" divides the K/V
+contiguous K/V, sampled in turn (``bench_kernel.time_interleaved``), each timed call
+chaining ``--chain`` calls in one executable (``bench_kernel.chained``). "x limit" divides the K/V
 bytes read per second by the card's streaming limit of this run. Writes sweep.json/sweep.md.
 """
 
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--variant", action="append", default=None, help="replace VARIANTS")
+    ap.add_argument("--chain", type=int, default=16, help="calls per executable (bench_kernel)")
     args = ap.parse_args()
     variants = args.variant or VARIANTS
     args.out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +112,9 @@ def main() -> None:
                 ),
                 (q.reshape(batch, 1, hq, d), k_dense, v_dense),
             )
+            timed = {n: (bk.chained(f, args.chain), a) for n, (f, a) in timed.items()}
             times = bk.time_interleaved(timed, reps=args.reps)
+            times = {n: t / args.chain for n, t in times.items()}  # seconds per call
             kv_bytes = 2 * batch * ctx * hkv * d * 2
             for name, t in sorted(times.items(), key=lambda kv: kv[1]):
                 x_limit = round(kv_bytes / t / limit_bw, 3)
