@@ -54,9 +54,10 @@ class GpuBlockSizes:
     decode_kv_tokens: int = 128  # kv tokens per loop step (whole pages; power of two)
     decode_warps: int = 4
     decode_stages: int = 2
-    # Decode: split the context until the grid has this many programs. 256 = no split once
-    # S * Hkv >= 256: one pass per (sequence, kv head) and no merge beat 4 splits (H100).
-    target_programs: int = 256
+    # Decode: split the context until the grid has this many programs. 1024 (H200, with the
+    # one-launch merge of gpu_merge.py): 2 splits at 64 x 2048 ran 139.5 us against 151-152
+    # for one pass, level elsewhere; with the old XLA merge 256 (no split at S * Hkv >= 256) won.
+    target_programs: int = 1024
     max_splits: int = 16
     # Few (sequence, kv head) pairs: fewer, fatter splits with more loads in flight.
     small_batch_programs: int = 128  # S * Hkv at or below this uses the four knobs below
