@@ -1,6 +1,6 @@
 """Beam search throughput: paged_jax ``LLM.beam_search`` against HF transformers'
 ``generate(num_beams=k)`` on the same card, the same random-weight shape and the same prompts
-(``paged_jax.bench.make_workload``, first ``--num-requests``), fixed ``--max-tokens``, no EOS.
+(``bench_workload.make_workload``, first ``--num-requests``), fixed ``--max-tokens``, no EOS.
 
 Tokens/s counts the returned best beam's tokens per request. HF runs static batches of
 ``--hf-batch-size`` prompts (left-padded), the engine one continuous batch. Prints one JSON
@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from paged_jax.bench import make_workload  # noqa: E402
+from paged_jax.bench_workload import make_workload  # noqa: E402
 from paged_jax.config import parse_overrides  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Baseline for ``scripts/bench_throughput.py``: HF transformers ``generate`` on the same card,
 the same model shapes (random bf16 weights, ``LlamaConfig`` from ``paged_jax.model.presets``,
-SDPA attention) and the same synthetic workload (``paged_jax.bench.make_workload``, same seed:
+SDPA attention) and the same synthetic workload (``bench_workload.make_workload``, same seed:
 by default its first 64 requests), in static left-padded batches.
 
 Each batch decodes greedily for the longest ``max_tokens`` in it (EOS never stops it); only each
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
 
-    from paged_jax.bench import make_workload, workload_summary
+    from paged_jax.bench_workload import make_workload, workload_summary
     from paged_jax.model.presets import preset_config
 
     dtype = getattr(torch, args.dtype)
@@ -164,7 +164,7 @@ def to_markdown(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     os.environ["JAX_PLATFORMS"] = "cpu"  # paged_jax imports jax: keep it off torch's GPU
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from paged_jax.bench import MAX_LEN
+    from paged_jax.bench_workload import MAX_LEN
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="random:llama2-7b", help="random:<preset>")

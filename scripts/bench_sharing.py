@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from paged_jax import LLM, BeamSearchParams, SamplingParams  # noqa: E402
-from paged_jax.bench import make_workload  # noqa: E402
+from paged_jax.bench_workload import make_workload  # noqa: E402
 from paged_jax.config import parse_overrides  # noqa: E402
 
 PAPER = {  # Fig. 15, ShareGPT

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from paged_jax.bench import MAX_LEN, MIN_LEN, main, make_workload, read_jsonl
+from paged_jax.bench import main
+from paged_jax.bench_workload import MAX_LEN, MIN_LEN, make_workload, read_jsonl
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -81,7 +82,7 @@ def test_main_end_to_end_on_cpu(tmp_path):
 
 
 def test_shared_prefix_workload_and_config_chain(tmp_path):
-    from paged_jax.bench import make_shared_prefix_workload
+    from paged_jax.bench_workload import make_shared_prefix_workload
 
     workload = make_shared_prefix_workload(50, seed=0, vocab_size=512, prefix_len=80)
     prefix = workload[0][0][:80]
