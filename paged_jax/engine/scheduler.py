@@ -19,6 +19,7 @@ Groups (n > 1 completions, beams; ``SequenceGroup``) are admitted and preempted 
 leader prefills the prompt but its last token, then every member is forked off its pages and
 computes the rest itself; the first write into a shared page copies it (copy-on-write: the
 plan carries the copies). A group is admitted only when all its members fit max_num_seqs.
+The group checks, counting and forks are ``engine.groups`` (a mixin, as ``step_updates``).
 
 With ``decode_steps`` > 1 a decode-only plan may become a burst (``engine.burst``); ``update``
 then applies each sequence's tokens in order and drops those past a stop, so the output is
@@ -37,15 +38,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from paged_jax.engine.beam import BeamGroup, BeamUpdate
 from paged_jax.engine.burst import plan_burst
+from paged_jax.engine.groups import GroupForking, num_members_of
 from paged_jax.engine.kv_cache import KVCacheManager
 from paged_jax.engine.outputs import FinishReason
 from paged_jax.engine.plan import ScheduledSeq, StepPlan
 from paged_jax.engine.sequence import (
     PLACEHOLDER,
     Sequence,
-    SequenceGroup,
     SequenceStatus,
     check_stop,
 )
@@ -79,7 +79,7 @@ class _PlanBuilder:
     preempted: list[Sequence] = dataclasses.field(default_factory=list)
 
 
-class Scheduler(StepUpdates):
+class Scheduler(GroupForking, StepUpdates):
     def __init__(
         self,
         config: SchedulerConfig,
@@ -140,39 +140,6 @@ class Scheduler(StepUpdates):
             seq = seq.group.prepare_prefill()
         self._waiting.append(seq)
 
-    def check_group_size(self, num_members: int) -> None:
-        """A group runs all its members at once: ValueError when max_num_seqs cannot hold it."""
-        if num_members > self.config.max_num_seqs:
-            raise ValueError(
-                f"n={num_members} completions cannot run together: more than "
-                f"max_num_seqs={self.config.max_num_seqs}"
-            )
-
-    def check_group_fits(
-        self, num_prompt_tokens: int, max_tokens: int, num_members: int, name: str = "n"
-    ) -> None:
-        """ValueError when the KV pool cannot hold a group whose members all need their own
-        pages at once. A group runs whole, so below that it alone preempts itself and recomputes
-        forever. Completions (``n``) decode side by side and may all reach full length in the
-        same step; beams mostly share pages, but they can diverge right after the prompt and
-        each hold its own pages to full length, so they are checked at that bound too. Members
-        share the prompt's full pages but the last."""
-        kv = self.kv_cache
-        if num_members < 2:
-            return  # one sequence of max_model_len always fits (checked in __init__)
-        # K/V of every token but the last one sampled; the prompt's last token always computes
-        end = min(num_prompt_tokens + max_tokens, self.config.max_model_len)
-        num_kv_tokens = max(num_prompt_tokens, end - 1)
-        shared = (num_prompt_tokens - 1) // kv.page_size
-        need = shared + num_members * (kv.pages_for(num_kv_tokens) - shared)
-        if need > kv.num_usable_pages:
-            raise ValueError(
-                f"{name}={num_members} sequences of a {num_prompt_tokens}-token prompt with "
-                f"max_tokens={max_tokens} need {need} KV pages of page_size={kv.page_size} "
-                f"at once, more than the {kv.num_usable_pages} usable of num_pages="
-                f"{kv.num_pages}: give the KV cache more memory or lower {name} or max_tokens"
-            )
-
     def schedule(self) -> StepPlan:
         builder = _PlanBuilder(budget=self.config.max_num_batched_tokens)
         for seq in list(self._running):
@@ -196,23 +163,6 @@ class Scheduler(StepUpdates):
         )
         copies = self.kv_cache.take_copies()
         return dataclasses.replace(plan, page_copies=copies) if copies else plan
-
-    def apply_beam_update(self, group: BeamGroup, update: BeamUpdate) -> list[Sequence]:
-        """Carry out a beam group's update: forks share the parent's pages, extended beams get
-        their next token, dropped beams free theirs. Returns the new beams."""
-        new = []
-        for parent, token, score in update.fork:
-            child = parent.fork(token)
-            self._run_forked(parent, [child])
-            group.add_beam(child, score)
-            new.append(child)
-        for beam, token, _ in update.extend:
-            beam.append_token(token)
-        now = self._clock()
-        for beam in update.drop:
-            self._finish(beam, "abort", None, now)
-        group.prune()
-        return new
 
     def finish(
         self,
@@ -256,7 +206,7 @@ class Scheduler(StepUpdates):
         cfg = self.config
         while self._waiting and builder.budget > 0:
             seq, kv = self._waiting[0], self.kv_cache
-            num_members = _num_members(seq)
+            num_members = num_members_of(seq)
             if self._num_running_slots() + num_members > cfg.max_num_seqs:
                 break
             if cfg.reserve_full:
@@ -283,45 +233,6 @@ class Scheduler(StepUpdates):
             elif self._ready_to_fork(seq):  # the prompt was cached (or is one token long)
                 for member in self._fork_group(seq):
                     self._schedule_if_fits(member, builder)
-
-    def _num_running_slots(self) -> int:
-        """Running sequences, a running group counted whole (unforked members and the beams
-        it may fork to included)."""
-        num_single, groups = 0, {}
-        for seq in self._running:
-            if seq.group is None:
-                num_single += 1
-            else:
-                groups[id(seq.group)] = seq.group
-        return num_single + sum(_group_size(g) for g in groups.values())
-
-    def _ready_to_fork(self, seq: Sequence) -> bool:
-        return (
-            seq.group is not None
-            and not seq.group.forked
-            and seq.prefill_limit is not None
-            and seq.num_computed_tokens == seq.prefill_limit
-        )
-
-    def _fork_group(self, leader: Sequence) -> list[Sequence]:
-        """Every unfinished member of the leader's group shares the leader's pages now and
-        runs; returns them, leader first (they follow it in admission order)."""
-        group: SequenceGroup = leader.group
-        members = group.unfinished
-        self._run_forked(leader, members[1:])
-        leader.prefill_limit = None
-        group.forked = True
-        return members
-
-    def _run_forked(self, parent: Sequence, children: list[Sequence]) -> None:
-        """The children share the parent's pages and computed tokens, and run right after it
-        (admission order: a group stays together as preemption victims)."""
-        for child in children:
-            self.kv_cache.fork(parent, child)
-            child.num_computed_tokens = parent.num_computed_tokens
-            child.status = SequenceStatus.RUNNING
-        at = self._running.index(parent) + 1
-        self._running[at:at] = children
 
     def _schedule_if_fits(self, seq: Sequence, builder: _PlanBuilder) -> None:
         """Schedule what fits of a just-forked member, preempting nobody."""
@@ -411,13 +322,3 @@ def _awaits_last_token(seq: Sequence, config: SchedulerConfig) -> bool:
         seq.num_output_tokens >= seq.sampling_params.max_tokens
         or seq.num_tokens >= config.max_model_len
     )
-
-
-def _num_members(seq: Sequence) -> int:
-    """Sequences ``seq``'s group may run at once."""
-    return 1 if seq.group is None else _group_size(seq.group)
-
-
-def _group_size(group: SequenceGroup) -> int:
-    """A beam group grows to its beam_width; other groups run their unfinished members."""
-    return group.params.beam_width if group.is_beam else len(group.unfinished)
