@@ -343,37 +343,16 @@ def main() -> None:
     limit_bw = limit["bytes_per_s"]
     print(json.dumps(dict(case="copy", tbps=round(copy_bw / 1e12, 3))), flush=True)
     print(json.dumps(dict(case="streaming_limit", **limit)), flush=True)
-    rows = []
+    cases = []
     if args.only in (None, "decode"):
-        for batch, ctx in DECODE:
-            rows += run_case(
-                "decode",
-                batch,
-                1,
-                ctx,
-                copy,
-                limit_bw,
-                args.reps,
-                rng,
-                variants,
-                prev,
-                args.chain,
-            )
+        cases += [("decode", batch, 1, ctx) for batch, ctx in DECODE]
     if args.only in (None, "prefill"):
-        for batch, q_len, ctx in PREFILL:
-            rows += run_case(
-                "prefill",
-                batch,
-                q_len,
-                ctx,
-                copy,
-                limit_bw,
-                args.reps,
-                rng,
-                variants,
-                prev,
-                args.chain,
-            )
+        cases += [("prefill", *shape) for shape in PREFILL]
+    rows = []
+    for kind, batch, q_len, ctx in cases:
+        rows += run_case(
+            kind, batch, q_len, ctx, copy, limit_bw, args.reps, rng, variants, prev, args.chain
+        )
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 copy_tbps=copy_bw / 1e12, streaming_limit=limit, chain=args.chain)  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
