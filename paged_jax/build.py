@@ -103,6 +103,8 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
     runner.feeds_bursts = cfg.async_scheduling
     fused = cfg.fused_bursts if cfg.fused_bursts is not None else jax.default_backend() != "cpu"
     runner.fused_burst_steps = cfg.decode_steps if fused and cfg.decode_steps > 1 else 0
+    pinned = cfg.pinned_inputs if cfg.pinned_inputs is not None else jax.default_backend() == "gpu"
+    runner.wire_memory = "pinned_host" if pinned else "device"
     metrics = EngineMetrics(kv_cache)
     driver = Driver(
         scheduler,

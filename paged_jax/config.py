@@ -45,6 +45,9 @@ class EngineConfig:
     async_scheduling: bool = True
     # a burst of decode_steps steps as one executable (runtime/burst.py); None: off on CPU only
     fused_bursts: bool | None = None
+    # send each step's inputs through pinned host memory, so that the step's call does not wait
+    # for a host-to-device copy (runtime/wire.py); None: on GPU only
+    pinned_inputs: bool | None = None
     seed: int = 0  # seeds unseeded requests (each still gets its own stream)
     tensor_parallel_size: int = 1  # shard the model over this many local devices (runtime/tp)
     batch_invariant: bool = False  # a request's tokens and logprobs bitwise whatever the batch

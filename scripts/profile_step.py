@@ -77,6 +77,8 @@ def decode_inputs(
         do_sample=np.zeros(batch, np.bool_),
         suppress_eos=np.zeros(batch, np.bool_),
         target_ids=np.zeros(batch, np.int32),
+        min_tokens=np.zeros(batch, np.int32),
+        burst_steps=np.ones(batch, np.int32),
     )
     return {k: jnp.asarray(v) for k, v in dataclasses.asdict(inputs).items()}
 

@@ -49,9 +49,10 @@ def test_advance_equals_packing_the_next_step():
     first = pack(StepPlan(tuple(items), num_steps=tuple(num_steps)), **shape)
     inputs = {f.name: getattr(first, f.name) for f in dataclasses.fields(first)}
     sampled = np.array([11, 12, 13, 0, 0, 0, 0, 0], np.int32)
-    steps = np.array(num_steps + [0] * 5, np.int32)
-    min_tokens = np.array([3, 0, 0] + [0] * 5, np.int32)
-    nxt, step = advance(inputs, sampled, steps, min_tokens, np.int32(0), page_size=PAGE)
+    # each row's steps in the burst and min_tokens travel in the packed inputs
+    np.testing.assert_array_equal(inputs["burst_steps"], num_steps + [0] * 5)
+    np.testing.assert_array_equal(inputs["min_tokens"], [3, 0, 0] + [0] * 5)
+    nxt, step = advance(inputs, sampled, np.int32(0), page_size=PAGE)
     assert int(step) == 1
     # The same step packed on the host: a and c move on with their sampled token, b idles.
     for s, token in zip(seqs, (11, 12, 13), strict=True):
@@ -72,8 +73,10 @@ def test_advance_equals_packing_the_next_step():
 
 
 def _run(decode_steps: int, num_pages: int, prompts, params, fused: bool = False):
+    # the fused run also sends its step inputs through pinned host memory (runtime.wire)
     llm = LLM("random:tiny", num_pages=num_pages, decode_steps=decode_steps,
-              fused_bursts=fused, **OPTS)  # fmt: skip
+              fused_bursts=fused, pinned_inputs=fused, **OPTS)  # fmt: skip
+    assert llm._driver.runner.wire_memory == ("pinned_host" if fused else "device")
     outs = llm.generate(prompts, params, use_tqdm=False)
     stats = llm.stats()
     stats["fused_bursts"] = llm._driver.runner.num_fused_bursts
@@ -109,7 +112,8 @@ def test_outputs_do_not_depend_on_decode_steps(num_pages):
     burst, burst_stats, num_bursts = _run(8, num_pages, prompts, params)
     assert burst == single
     assert single_bursts == 0 and num_bursts > 0
-    # the same bursts, those of all 8 steps as one executable each (runtime.burst.make_fused)
+    # the same bursts, those of all 8 steps as one executable each (runtime.burst.make_fused),
+    # inputs through pinned host memory
     fused, fused_stats, _ = _run(8, num_pages, prompts, params, fused=True)
     assert fused == single
     assert burst_stats["fused_bursts"] == 0 and fused_stats["fused_bursts"] > 0

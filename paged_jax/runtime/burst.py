@@ -42,20 +42,15 @@ BURST_MODES = (GREEDY, SelectMode(True, False, False), SelectMode(True, True, Fa
 
 
 def advance(
-    inputs: dict[str, jax.Array],
-    sampled: jax.Array,
-    num_steps: jax.Array,
-    min_tokens: jax.Array,
-    step: jax.Array,
-    *,
-    page_size: int,
+    inputs: dict[str, jax.Array], sampled: jax.Array, step: jax.Array, *, page_size: int
 ) -> tuple[dict[str, jax.Array], jax.Array]:
     """Inputs of burst step ``step + 1`` from those of ``step``; returns them and ``step + 1``.
 
-    inputs: a decode-only plan's StepInputs arrays; sampled i32[S] (this step's samples);
-    num_steps i32[S] (the row's steps in the burst, 0 for padding rows); min_tokens i32[S];
-    step i32[] (the step just computed, from 0).
+    inputs: a decode-only plan's StepInputs arrays (``burst_steps``: the row's steps in the
+    burst, 0 for padding rows; ``min_tokens``); sampled i32[S] (this step's samples); step i32[]
+    (the step just computed, from 0).
     """
+    num_steps, min_tokens = inputs["burst_steps"], inputs["min_tokens"]  # i32[S] each
     num_tokens = inputs["token_ids"].shape[0]
     num_rows = min(num_tokens, sampled.shape[0])  # rows that can hold a sequence
 
@@ -84,15 +79,17 @@ def advance(
 def make_fused(
     step: Callable, select: Callable | None, *, num_steps: int, page_size: int
 ) -> Callable:
-    """``fused(params, kv, inputs, steps, min_tokens) -> (kv, tokens, last)``: a whole burst.
+    """``fused(params, kv, inputs) -> (kv, tokens, last)``: a whole burst.
 
     ``step``: the (unjitted) step of ``runtime.step``; ``select``: the selector of the burst's
     mode (None: greedy, the step's argmax); ``num_steps``: the loop's trip count (the burst's
-    length). steps i32[S] and min_tokens i32[S] as ``advance`` takes them; tokens i32[S, K]
-    (row i's sample of step j at [i, j]); last i32[S] (``keep_last`` over the burst).
+    length). The rows' own step counts are ``inputs["burst_steps"]`` (as ``advance`` reads
+    them); tokens i32[S, K] (row i's sample of step j at [i, j]); last i32[S] (``keep_last``
+    over the burst).
     """
 
-    def fused(params: Any, kv: Any, inputs: dict[str, jax.Array], steps, min_tokens):
+    def fused(params: Any, kv: Any, inputs: dict[str, jax.Array]):
+        steps = inputs["burst_steps"]  # i32[S]
         num_seqs = steps.shape[0]
 
         def body(j, carry):
@@ -105,7 +102,7 @@ def make_fused(
             sampled = sampled.astype(jnp.int32)
             tokens = jax.lax.dynamic_update_slice(tokens, sampled[:, None], (0, j))
             last = keep_last(last, sampled, j, steps)
-            inputs, _ = advance(inputs, sampled, steps, min_tokens, j, page_size=page_size)
+            inputs, _ = advance(inputs, sampled, j, page_size=page_size)
             return kv, inputs, tokens, last
 
         tokens = jnp.zeros((num_seqs, num_steps), jnp.int32)  # i32[S, K]

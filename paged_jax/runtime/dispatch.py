@@ -166,7 +166,7 @@ class StepDispatch:
             host["source_rows"] = source_rows(host["cu_q_lens"], rows, bucket[0])
             widen = self._executable(ExecutableKey(0, previous.bucket[1], "widen"))
         unpack = self._executable(ExecutableKey(*bucket, "unpack_feed" if feed else "unpack"))
-        flat = jax.device_put(to_wire(host), self._replicated)  # i32[N]: one transfer
+        flat = jax.device_put(to_wire(host), self.wire_sharding)  # i32[N]: one transfer
         packed = time.perf_counter()
         previous_ready = feed is None or feed[0].ready()
         # the last input token of some rows is the step in flight's sample
@@ -176,10 +176,7 @@ class StepDispatch:
         if plan.page_copies:  # before the step writes K/V into the copies
             self._copy_pages(plan.page_copies)
         if fused:
-            burst = self._burst_state(plan, bucket)
-            self.kv, tokens, inflight.last = step(
-                self.params, self.kv, inputs, burst["num_steps"], burst["min_tokens"]
-            )
+            self.kv, tokens, inflight.last = step(self.params, self.kv, inputs)
             inflight.sampled, inflight.last_exact, inflight.fused = [tokens], True, True
             self.num_fused_bursts += 1
         else:
@@ -203,7 +200,7 @@ class StepDispatch:
             controls = jax.device_put(controls, self._replicated)
         if plan.num_steps:
             advance_fn = self._executable(ExecutableKey(*bucket, "advance"))
-            burst = self._burst_state(plan, bucket)
+            burst_step = self._zero  # i32[]: the step just computed
         for j in range(plan.burst_len):
             if j:
                 self.kv, inflight.out = inflight.step(self.params, self.kv, inputs)
@@ -223,17 +220,11 @@ class StepDispatch:
             elif plan.num_steps and self.feeds_bursts:  # the next step may be fed from it
                 keep = self._executable(ExecutableKey(0, bucket[1], "keep"))
                 inflight.last = keep(
-                    inflight.last, chosen["sampled"], burst["step"], burst["num_steps"]
+                    inflight.last, chosen["sampled"], burst_step, inputs["burst_steps"]
                 )
             inflight.logprobs, inflight.prompt = chosen.get("logprobs"), out.get("prompt")
             if j + 1 < plan.burst_len:
-                inputs, burst["step"] = advance_fn(
-                    inputs,
-                    chosen["sampled"],
-                    burst["num_steps"],
-                    burst["min_tokens"],
-                    burst["step"],
-                )
+                inputs, burst_step = advance_fn(inputs, chosen["sampled"], burst_step)
         inflight.last_exact = not plan.num_steps or self.feeds_bursts
         inflight.dispatch_s += time.perf_counter() - start
 
@@ -251,20 +242,6 @@ class StepDispatch:
             return None
         mode = select_mode(plan)
         return ExecutableKey(*bucket, FusedBurst(mode)) if mode in BURST_MODES else None
-
-    def _burst_state(self, plan: StepPlan, bucket: tuple[int, int]) -> dict[str, jax.Array]:
-        """advance's per-burst arguments, on the device: steps per row, min_tokens, step 0."""
-        num_steps = np.zeros(bucket[1], np.int32)  # i32[S]
-        num_steps[: plan.num_seqs] = plan.num_steps
-        min_tokens = np.zeros(bucket[1], np.int32)  # i32[S]
-        min_tokens[: plan.num_seqs] = [i.params.min_tokens for i in plan.scheduled]
-        return dict(
-            zip(
-                ("num_steps", "min_tokens", "step"),
-                jax.device_put((num_steps, min_tokens, np.int32(0)), self._replicated),
-                strict=True,
-            )
-        )
 
 
 def _step_variant(plan: StepPlan, bucket: tuple[int, int], prompt: bool, decode: bool) -> str:

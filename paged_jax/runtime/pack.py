@@ -43,6 +43,8 @@ class StepInputs:
     do_sample: np.ndarray  # bool[S]
     suppress_eos: np.ndarray  # bool[S]  fewer than min_tokens outputs yet: EOS ids masked
     target_ids: np.ndarray  # i32[T]  the next prompt token (scored by prompt_logprobs), else 0
+    min_tokens: np.ndarray  # i32[S]  the request's min_tokens (a burst re-derives suppress_eos)
+    burst_steps: np.ndarray  # i32[S]  a burst: the row's steps in it; else 1; padding rows 0
 
 
 def column(values: list, size: int, dtype: type, pad: float) -> np.ndarray:
@@ -102,6 +104,7 @@ def pack(
     do_sample = column([i.sample for i in items], S, np.bool_, False)
     min_tokens = column([p.min_tokens for p in params], S, np.int32, 0)
     suppress_eos = (sample_positions < min_tokens) & (np.arange(S) < num_seqs)
+    burst_steps = column(list(plan.num_steps) or [1] * num_seqs, S, np.int32, 0)
 
     # One scatter for all page tables: row r's pages go to columns 0..len-1.
     page_tables = np.full((S, max_pages_per_seq), NULL_PAGE, np.int32)
@@ -150,4 +153,6 @@ def pack(
         do_sample=do_sample,
         suppress_eos=suppress_eos,
         target_ids=targets,
+        min_tokens=min_tokens,
+        burst_steps=burst_steps,
     )

@@ -122,6 +122,10 @@ class ModelRunner(StepDispatch):
         # bursts of this many steps run as one executable (runtime.burst.make_fused); 0: never
         self.fused_burst_steps = 0
         self.num_fused_bursts = 0  # fused bursts dispatched
+        # the memory the wire buffer is sent to: "pinned_host" lets the step call go on
+        # without waiting for a host-to-device transfer (runtime.wire); set by build
+        self.wire_memory = "device"
+        self._zero = jax.device_put(np.int32(0), self._replicated)  # i32[]: a burst's step 0
         self._process = jax.jit(make_process(eos_token_ids, cfg.vocab_size))
         self._select = functools.partial(make_select, eos_token_ids=eos_token_ids,
                                          vocab_size=cfg.vocab_size, rows=rows)  # fmt: skip
@@ -155,6 +159,18 @@ class ModelRunner(StepDispatch):
         )
         return {k: self._struct(v.shape, v.dtype) for k, v in _as_dict(empty).items()}
 
+    @property
+    def _on_device(self) -> jax.sharding.Sharding:
+        """Where step inputs live: replicated over the mesh, or on the one device."""
+        return self._replicated or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    @property
+    def wire_sharding(self) -> jax.sharding.Sharding | None:
+        """Where ``start`` puts a step's wire buffer (``wire_memory``; None: the default)."""
+        if self.wire_memory == "device":
+            return self._replicated
+        return self._on_device.with_memory_kind(self.wire_memory)
+
     def _struct(self, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._replicated)
 
@@ -183,17 +199,20 @@ class ModelRunner(StepDispatch):
             if kind == "unpack_feed":
                 inputs["source_rows"] = self._struct((max(num_tokens, num_seqs),), jnp.int32)
             layout = layout_of(inputs)
-            flat = self._struct((wire_size(layout),), jnp.int32)
-            shardings = {} if self.mesh is None else {"out_shardings": self._replicated}
+            size = (wire_size(layout),)
+            flat = jax.ShapeDtypeStruct(size, jnp.int32, sharding=self.wire_sharding)
+            move = None if self.wire_memory == "device" else self._on_device
+            out = move or self._replicated
+            shardings = {} if out is None else {"out_shardings": out}
+            unpack = from_wire if kind == "unpack" else unpack_feed
+            fn = jax.jit(functools.partial(unpack, layout=layout, device=move), **shardings)
             if kind == "unpack":
-                return jax.jit(functools.partial(from_wire, layout=layout), **shardings), (flat,)
-            wide = self._struct((self.buckets.seq_buckets[-1],), jnp.int32)
-            fn = jax.jit(functools.partial(unpack_feed, layout=layout), **shardings)
-            return fn, (flat, wide)
+                return fn, (flat,)
+            return fn, (flat, self._struct((self.buckets.seq_buckets[-1],), jnp.int32))
         if kind == "advance":
-            return self._advance, (inputs, row, row, row, self._struct((), jnp.int32))
+            return self._advance, (inputs, row, self._struct((), jnp.int32))
         if isinstance(kind, FusedBurst):
-            return self._fused(key), (self.params, self.kv, inputs, row, row)
+            return self._fused(key), (self.params, self.kv, inputs)
         return self._steps[kind], (self.params, self.kv, inputs)
 
     def _fused(self, key: ExecutableKey) -> Any:

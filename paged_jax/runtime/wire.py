@@ -50,8 +50,13 @@ def to_wire(arrays: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def from_wire(flat: jax.Array, layout: Layout) -> dict[str, jax.Array]:
-    """i32[N] -> the arrays of ``layout``, with their shapes and dtypes (on the device)."""
+def from_wire(
+    flat: jax.Array, layout: Layout, device: jax.sharding.Sharding | None = None
+) -> dict[str, jax.Array]:
+    """i32[N] -> the arrays of ``layout``, with their shapes and dtypes (on the device).
+    ``device``: first move ``flat`` there (it was sent to host memory the device reads)."""
+    if device is not None:
+        flat = jax.device_put(flat, device)
     out, offset = {}, 0
     for name, shape, dtype in layout:
         size = int(np.prod(shape, dtype=np.int64))
@@ -65,10 +70,16 @@ def from_wire(flat: jax.Array, layout: Layout) -> dict[str, jax.Array]:
     return out
 
 
-def unpack_feed(flat: jax.Array, previous: jax.Array, *, layout: Layout) -> dict[str, jax.Array]:
+def unpack_feed(
+    flat: jax.Array,
+    previous: jax.Array,
+    *,
+    layout: Layout,
+    device: jax.sharding.Sharding | None = None,
+) -> dict[str, jax.Array]:
     """``unpack`` of a layout that ends in ``source_rows`` i32[T]: each token with a source row
     >= 0 becomes that row's sample in ``previous`` i32[S_max] (``feed.widen``'s)."""
-    inputs = from_wire(flat, layout)
+    inputs = from_wire(flat, layout, device)
     rows = inputs.pop("source_rows")
     inputs["token_ids"] = feed(inputs["token_ids"], rows, previous)
     return inputs
