@@ -10,8 +10,6 @@ halved, down to an ordinary step. The device side is ``runtime.burst``.
 
 from __future__ import annotations
 
-import dataclasses
-
 from paged_jax.engine.kv_cache import KVCacheManager
 from paged_jax.engine.plan import StepPlan
 
@@ -48,10 +46,8 @@ def plan_burst(
         burst //= 2
     if burst < 2 or max(steps) < 2:
         return plan
-    scheduled = []
     for item, n, num_extra in zip(items, steps, extra, strict=True):
-        if num_extra:
+        if num_extra:  # the items are this schedule call's own: updated in place
             kv_cache.append(item.seq, n)
-            item = dataclasses.replace(item, page_ids=kv_cache.page_table(item.seq))
-        scheduled.append(item)
-    return StepPlan(tuple(scheduled), plan.preempted, tuple(steps))
+            item.page_ids = kv_cache.page_table(item.seq)
+    return StepPlan(items, plan.preempted, tuple(steps))

@@ -46,12 +46,19 @@ def chain_hashes(
 ) -> list[bytes]:
     """The hash chain of every full page of ``token_ids``, extending ``start`` (earlier pages)."""
     hashes = list(start)
+    _extend_chain(hashes, token_ids, page_size, cache_salt, len(token_ids) // page_size)
+    return hashes
+
+
+def _extend_chain(
+    hashes: list[bytes], token_ids: list[int], page_size: int, cache_salt: str | None, n: int
+) -> None:
+    """Extend ``hashes`` (the chain of token_ids' first pages) in place to ``n`` pages."""
     parent = hashes[-1] if hashes else _root_hash(cache_salt)
-    for i in range(len(hashes), len(token_ids) // page_size):
+    for i in range(len(hashes), n):
         page = array("q", token_ids[i * page_size : (i + 1) * page_size]).tobytes()
         parent = hashlib.blake2b(parent + page, digest_size=16).digest()
         hashes.append(parent)
-    return hashes
 
 
 class KVCacheManager:
@@ -203,10 +210,12 @@ class KVCacheManager:
         """Grow the page table to hold ``num_new_tokens`` more tokens past the computed ones.
         A shared page the write may touch is first replaced by a private one: a copy of it
         (queued for the step) when it holds computed tokens, else just a fresh page."""
-        if not self.can_append(seq, num_new_tokens):
-            raise RuntimeError("cannot append: callers must check can_append first")
         table = self._tables[seq.seq_id]
-        for i in self._shared_tail(seq, table):
+        shared = self._shared_tail(seq, table)
+        need = self.pages_for(seq.num_computed_tokens + num_new_tokens) - len(table)
+        if max(0, need) + len(shared) > self.num_free_pages:
+            raise RuntimeError("cannot append: callers must check can_append first")
+        for i in shared:
             src = table[i]
             (dst,) = self._new_pages(1)
             num_ours = seq.num_computed_tokens - self.capacity(i)  # our tokens in it
@@ -215,7 +224,6 @@ class KVCacheManager:
                 self._set_filled(dst, min(self.page_size, num_ours))
             self._release(src)
             table[i] = dst
-        need = self.pages_for(seq.num_computed_tokens + num_new_tokens) - len(table)
         if need > 0:
             table += self._new_pages(need)
             self._num_table_pages += need
@@ -313,18 +321,21 @@ class KVCacheManager:
     # ------------------------------------------------------------------ internals
 
     def _seq_hashes(self, seq: Sequence, num_pages: int) -> list[bytes]:
-        hashes = self._hashes.get(seq.seq_id, [])
+        """The hash chain of the sequence's first ``num_pages`` pages (computed once)."""
+        hashes = self._hashes.setdefault(seq.seq_id, [])
         if len(hashes) < num_pages:
-            tokens = seq.token_ids[: num_pages * self.page_size]
-            hashes = chain_hashes(tokens, self.page_size, seq.sampling_params.cache_salt, hashes)
-            self._hashes[seq.seq_id] = hashes
-        return hashes[:num_pages]
+            salt = seq.sampling_params.cache_salt
+            _extend_chain(hashes, seq.token_ids, self.page_size, salt, num_pages)
+        return hashes if len(hashes) == num_pages else hashes[:num_pages]
 
     def _shared_tail(self, seq: Sequence, table: list[int]) -> list[int]:
         """Indices of pages the next write may touch (from the first uncomputed token on)
         that another sequence shares: each needs a private page first."""
         first = seq.num_computed_tokens // self.page_size
-        return [i for i in range(first, len(table)) if self._ref_counts[table[i]] > 1]
+        counts = self._ref_counts
+        if first >= len(table) - 1:  # the usual case: at most the last page
+            return [first] if first < len(table) and counts[table[first]] > 1 else []
+        return [i for i in range(first, len(table)) if counts[table[i]] > 1]
 
     def _num_evictable_in(self, hit_pages: list[int]) -> int:
         """Hit pages nobody holds: taking them shrinks the free count."""
