@@ -180,7 +180,7 @@ class FakeRunner:
         hashes = np.zeros(plan.num_seqs, np.int64)
         prompt_rows: list[tuple[np.ndarray, tuple[int, ...]]] = []
         for row, item in enumerate(plan.scheduled):
-            assert item.page_ids == kv.page_table(item.seq)
+            assert tuple(item.page_ids) == kv.page_table(item.seq)
             assert len(item.page_ids) * ps >= item.kv_len
             self._write(item.page_ids, item.start_position, item.token_ids)
             h = prefix_hashes(self._context(item.page_ids, item.kv_len))
@@ -218,7 +218,7 @@ class FakeRunner:
         sampled = np.full((plan.num_seqs, plan.burst_len), 10**6, np.int32)
         for row, (item, n) in enumerate(zip(plan.scheduled, plan.num_steps, strict=True)):
             assert item.num_new_tokens == 1 and item.sample
-            assert item.page_ids == self.kv.page_table(item.seq)
+            assert tuple(item.page_ids) == self.kv.page_table(item.seq)
             token, kv_len = item.token_ids[0], item.kv_len
             for j in range(n):
                 self._write(item.page_ids, kv_len - 1, [token])

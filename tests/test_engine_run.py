@@ -86,7 +86,7 @@ def run_engine(
             max_pages_per_seq=max_pages_per_seq,
         )
         for item in plan.scheduled:
-            assert item.page_ids == kv.page_table(item.seq)
+            assert tuple(item.page_ids) == kv.page_table(item.seq)
         for src, dst in plan.page_copies:  # copy-on-write, before this step writes K/V
             assert kv.ref_count(dst) == 1
             cache[dst * page_size : (dst + 1) * page_size] = cache[

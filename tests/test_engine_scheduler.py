@@ -131,7 +131,7 @@ def test_chunked_prefill_of_a_long_prompt():
         [("long", 12, 6, False)],
         [("long", 18, 2, True)],
     ]
-    assert plans[1].scheduled[0].page_ids == (1, 2, 3)  # covers 12 tokens
+    assert tuple(plans[1].scheduled[0].page_ids) == (1, 2, 3)  # covers 12 tokens
     assert table(scheduler, long) == (1, 2, 3, 4, 5)  # 20 tokens + the sampled one
     assert long.num_computed_tokens == 20 and long.output_token_ids == [7]
 
@@ -219,7 +219,7 @@ def test_victim_scheduled_earlier_in_the_step_is_unscheduled():
     assert plan.preempted == (b,)
     assert summary(plan) == [("a", 8, 4, True)] and plan.num_tokens == 4
     assert len(table(scheduler, a)) == 3 and scheduler.kv_cache.num_free_pages == 1
-    assert plan.scheduled[0].page_ids == table(scheduler, a) and table(scheduler, b) == ()
+    assert tuple(plan.scheduled[0].page_ids) == table(scheduler, a) and table(scheduler, b) == ()
 
 
 def test_contiguous_mode_reserves_full_pages():
@@ -381,7 +381,7 @@ def test_decode_burst_caps_each_sequence_and_allocates_its_pages():
     assert plan.num_steps == (8, 3, 8) and plan.burst_len == 8
     # Step j writes position kv_len - 1 + j: a needs positions 3..10 -> 3 pages in all.
     assert [len(i.page_ids) for i in plan.scheduled] == [3, 2, 4]
-    assert [i.page_ids for i in plan.scheduled] == [table(scheduler, s) for s in (a, b, c)]
+    assert [tuple(i.page_ids) for i in plan.scheduled] == [table(scheduler, s) for s in (a, b, c)]
     assert [kv.num_pages_of(s) for s in (a, b, c)] == [3, 2, 4]
     assert kv.num_free_pages == free - (3 + 2 + 4 - (1 + 1 + 2))
     finished = scheduler.update(plan, [list(range(20, 28))] * 3)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+from array import array
 
 import numpy as np
 import pytest
@@ -75,6 +76,22 @@ def test_pack_values(plan):
     assert inputs.seeds[0] == 42
     assert inputs.seeds[1] == plan.scheduled[1].seed  # unseeded: the request's own seed
     assert not inputs.target_ids.any()  # no prompt_logprobs asked for
+    assert inputs.min_tokens.tolist() == [0] * 8
+    assert inputs.burst_steps.tolist() == [1, 1] + [0] * 6  # one step; padding rows 0
+
+
+def test_pack_takes_the_managers_i32_rows(plan):
+    """Page rows as the KV cache manager snapshots them (array("i"), joined as one buffer) pack
+    exactly as tuples do; a burst's per-row steps travel too."""
+    shape = dict(num_tokens_bucket=16, num_seqs_bucket=8, page_size=PAGE_SIZE, max_pages_per_seq=3)
+    rows = [dataclasses.replace(i, page_ids=array("i", i.page_ids)) for i in plan.scheduled]
+    want = pack(plan, **shape)
+    got = pack(StepPlan(tuple(rows)), **shape)
+    for f in dataclasses.fields(want):
+        np.testing.assert_array_equal(getattr(got, f.name), getattr(want, f.name), f.name)
+    dec = plan.scheduled[0]
+    burst = pack(StepPlan((dec,), num_steps=(3,)), **shape)
+    assert burst.burst_steps.tolist() == [3] + [0] * 7
 
 
 def test_pack_dtypes_and_shapes(plan):

@@ -49,5 +49,5 @@ def plan_burst(
     for item, n, num_extra in zip(items, steps, extra, strict=True):
         if num_extra:  # the items are this schedule call's own: updated in place
             kv_cache.append(item.seq, n)
-            item.page_ids = kv_cache.page_table(item.seq)
+            item.page_ids = kv_cache.page_row(item.seq)
     return StepPlan(items, plan.preempted, tuple(steps))

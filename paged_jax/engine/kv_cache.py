@@ -79,7 +79,7 @@ class KVCacheManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # count 0, keyed; LRU first
         self._page_hash: list[bytes | None] = [None] * num_pages
         self._index: dict[bytes, int] = {}  # hash -> page holding that chain's K/V
-        self._tables: dict[int, list[int]] = {}  # seq_id -> page ids
+        self._tables: dict[int, array] = {}  # seq_id -> page ids, i32
         self._hashes: dict[int, list[bytes]] = {}  # seq_id -> hashes of its full known pages
         self._num_committed: dict[int, int] = {}  # seq_id -> tokens whose K/V commit has seen
         self._copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) pending a step
@@ -124,6 +124,12 @@ class KVCacheManager:
 
     def page_table(self, seq: Sequence) -> tuple[int, ...]:
         return tuple(self._tables.get(seq.seq_id, ()))
+
+    def page_row(self, seq: Sequence) -> array:
+        """A snapshot of the sequence's page table as i32 ``array("i")`` (what a plan carries:
+        ``runtime.pack`` joins the rows' buffers without touching each int)."""
+        table = self._tables.get(seq.seq_id)
+        return table[:] if table is not None else array("i")
 
     def num_pages_of(self, seq: Sequence) -> int:
         return len(self._tables.get(seq.seq_id, ()))
@@ -175,8 +181,8 @@ class KVCacheManager:
             raise RuntimeError("cannot allocate: callers must check can_allocate first")
         for page in hit_pages:
             self._take(page)
-        table = list(hit_pages)
-        table += self._new_pages(self.pages_for(num_tokens) - len(hit_pages))
+        table = array("i", hit_pages)  # i32 page ids: ``page_row`` snapshots copy it whole
+        table.extend(self._new_pages(self.pages_for(num_tokens) - len(hit_pages)))
         self._tables[seq.seq_id] = table
         self._num_table_pages += len(table)
         num_hit_tokens = self.capacity(len(hit_pages))
@@ -225,7 +231,7 @@ class KVCacheManager:
             self._release(src)
             table[i] = dst
         if need > 0:
-            table += self._new_pages(need)
+            table.extend(self._new_pages(need))
             self._num_table_pages += need
 
     def take_copies(self) -> tuple[tuple[int, int], ...]:
@@ -261,7 +267,7 @@ class KVCacheManager:
         table = self._tables[parent.seq_id]
         for page in table:
             self._ref_counts[page] += 1
-        self._tables[child.seq_id] = list(table)
+        self._tables[child.seq_id] = array("i", table)
         self._num_table_pages += len(table)
         self._num_committed[child.seq_id] = self._num_committed[parent.seq_id]
         if parent.seq_id in self._hashes:
@@ -269,7 +275,7 @@ class KVCacheManager:
 
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references, tail page first; its keyed pages stay cached."""
-        table = self._tables.pop(seq.seq_id, [])
+        table = self._tables.pop(seq.seq_id, array("i"))
         self._num_table_pages -= len(table)
         if self._copies:  # a copy into a page this sequence no longer holds is moot
             self._copies = [(s, d) for s, d in self._copies if d not in table]
@@ -328,7 +334,7 @@ class KVCacheManager:
             _extend_chain(hashes, seq.token_ids, self.page_size, salt, num_pages)
         return hashes if len(hashes) == num_pages else hashes[:num_pages]
 
-    def _shared_tail(self, seq: Sequence, table: list[int]) -> list[int]:
+    def _shared_tail(self, seq: Sequence, table: array) -> list[int]:
         """Indices of pages the next write may touch (from the first uncomputed token on)
         that another sequence shares: each needs a private page first."""
         first = seq.num_computed_tokens // self.page_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence as SequenceOf
 
 from paged_jax.engine.sampling_params import SamplingParams
 from paged_jax.engine.sequence import PLACEHOLDER, Sequence
@@ -24,7 +25,9 @@ class ScheduledSeq:
     num_new_tokens: int
     sample: bool
     token_ids: tuple[int, ...]  # the num_new_tokens tokens to compute
-    page_ids: tuple[int, ...]  # the page table covering start_position + num_new_tokens tokens
+    # the page table covering start_position + num_new_tokens tokens: i32 ``array("i")`` from
+    # the KV cache manager (``page_row``), or any sequence of ints
+    page_ids: SequenceOf[int]
     sample_position: int  # len(output_token_ids) when scheduled
     params: SamplingParams
     seed: int  # the request's sampling seed (Sequence.seed)

@@ -258,7 +258,7 @@ class Scheduler(GroupForking, StepUpdates):
             num_new_tokens=num_new_tokens,
             sample=end == len(token_ids),
             token_ids=tuple(token_ids[start:end]),
-            page_ids=self.kv_cache.page_table(seq),
+            page_ids=self.kv_cache.page_row(seq),
             sample_position=len(token_ids) - seq.num_prompt_tokens,
             params=params,
             seed=seq.seed,

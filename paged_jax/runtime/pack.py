@@ -54,6 +54,16 @@ def column(values: list, size: int, dtype: type, pad: float) -> np.ndarray:
     return out
 
 
+def _page_ids(items: tuple) -> np.ndarray:
+    """Every row's page ids end to end: the rows' i32 buffers joined (``KVCacheManager.
+    page_row`` snapshots), or the ints one by one when a row is a tuple or list."""
+    try:
+        return np.frombuffer(b"".join(i.page_ids for i in items), np.int32)
+    except TypeError:
+        flat = itertools.chain.from_iterable(i.page_ids for i in items)
+        return np.fromiter(flat, np.int32, sum(len(i.page_ids) for i in items))
+
+
 def pack(
     plan: StepPlan,
     *,
@@ -85,7 +95,7 @@ def pack(
     if over.any():
         row = int(np.argmax(over))
         raise ValueError(f"request {items[row].request_id!r}: kv_len {kv_lens[row]} exceeds pages")
-    page_ids = list(itertools.chain.from_iterable(i.page_ids for i in items))
+    page_ids = _page_ids(items)  # i32[sum of the rows' pages]
     token_ids = list(itertools.chain.from_iterable(i.token_ids for i in items))
     targets = np.zeros(T, np.int32)  # i32[T]
     if any(i.prompt_targets for i in items):
