@@ -1,12 +1,17 @@
 """A step's host inputs sent to the device as one buffer.
 
-``pack`` makes 17 small arrays per step (``runtime.pack.StepInputs``). Sent one by one, each is
+``pack`` makes 19 small arrays per step (``runtime.pack.StepInputs``). Sent one by one, each is
 its own host-to-device transfer, and on a small model their dispatch is a large share of the
 step. ``to_wire`` lays them end to end in one i32 buffer (f32 and u32 bit for bit, bool as 0 /
 1); ``from_wire``, inside a tiny executable per bucket, cuts it back into the same arrays on the
 device. With async scheduling the same executable also feeds each placeholder token from the
 step in flight's samples (``runtime.feed``, in place of its own executable), so a fed step
 costs one transfer and as many executable calls as before; an unfed step costs one call more.
+
+With ``pinned_inputs`` (the default on GPU) the buffer is put in pinned host memory and the
+unpack executable copies it to the device (``from_wire``'s ``device``): a call whose input was
+just put in device memory waits on the host for the work queued before it, while a pinned
+buffer lets the host go on (``scripts/probe_wire.py``).
 
 A ``Layout`` is the static (name, shape, dtype) list of a bucket's inputs, in ``pack``'s order.
 """
