@@ -105,6 +105,8 @@ def build_engine(cfg: EngineConfig, *, encode: Encoder) -> Engine:
     runner.fused_burst_steps = cfg.decode_steps if fused and cfg.decode_steps > 1 else 0
     pinned = cfg.pinned_inputs if cfg.pinned_inputs is not None else jax.default_backend() == "gpu"
     runner.wire_memory = "pinned_host" if pinned else "device"
+    fold = cfg.fold_inputs if cfg.fold_inputs is not None else jax.default_backend() == "gpu"
+    runner.fold_inputs = fold
     metrics = EngineMetrics(kv_cache)
     driver = Driver(
         scheduler,

@@ -48,6 +48,9 @@ class EngineConfig:
     # send each step's inputs through pinned host memory, so that the step's call does not wait
     # for a host-to-device copy (runtime/wire.py); None: on GPU only
     pinned_inputs: bool | None = None
+    # each step executable unpacks its own inputs: one executable call per step instead of
+    # three (runtime/folded.py); None: on GPU only
+    fold_inputs: bool | None = None
     seed: int = 0  # seeds unseeded requests (each still gets its own stream)
     tensor_parallel_size: int = 1  # shard the model over this many local devices (runtime/tp)
     batch_invariant: bool = False  # a request's tokens and logprobs bitwise whatever the batch

@@ -12,6 +12,7 @@ from paged_jax import LLM, SamplingParams
 from paged_jax.engine.plan import ScheduledSeq, StepPlan
 from paged_jax.engine.sequence import Sequence
 from paged_jax.runtime.burst import advance
+from paged_jax.runtime.folded import Folded
 from paged_jax.runtime.pack import pack
 
 PAGE = 4
@@ -72,11 +73,13 @@ def test_advance_equals_packing_the_next_step():
     np.testing.assert_array_equal(np.asarray(nxt["slot_mapping"][3:]) // PAGE, 0)
 
 
-def _run(decode_steps: int, num_pages: int, prompts, params, fused: bool = False):
+def _run(decode_steps: int, num_pages: int, prompts, params, fused=False, fold=False):
     # the fused run also sends its step inputs through pinned host memory (runtime.wire)
     llm = LLM("random:tiny", num_pages=num_pages, decode_steps=decode_steps,
-              fused_bursts=fused, pinned_inputs=fused, **OPTS)  # fmt: skip
+              fused_bursts=fused, pinned_inputs=fused, fold_inputs=fold, **OPTS)  # fmt: skip
     assert llm._driver.runner.wire_memory == ("pinned_host" if fused else "device")
+    kinds = {key.kind for key in llm._driver.runner._executables}
+    assert ("unpack" in kinds) != fold and any(isinstance(k, Folded) for k in kinds) == fold
     outs = llm.generate(prompts, params, use_tqdm=False)
     stats = llm.stats()
     stats["fused_bursts"] = llm._driver.runner.num_fused_bursts
@@ -113,9 +116,12 @@ def test_outputs_do_not_depend_on_decode_steps(num_pages):
     assert burst == single
     assert single_bursts == 0 and num_bursts > 0
     # the same bursts, those of all 8 steps as one executable each (runtime.burst.make_fused),
-    # inputs through pinned host memory
-    fused, fused_stats, _ = _run(8, num_pages, prompts, params, fused=True)
+    # inputs through pinned host memory, unpacked by the step executables (runtime.folded)
+    fused, fused_stats, _ = _run(8, num_pages, prompts, params, fused=True, fold=True)
     assert fused == single
+    # folded steps whose bursts go on step by step (sampled rows fed from widened samples)
+    folded, _, folded_bursts = _run(8, num_pages, prompts, params, fold=True)
+    assert folded == single and folded_bursts > 0
     assert burst_stats["fused_bursts"] == 0 and fused_stats["fused_bursts"] > 0
     assert {reason for _, reason in single} == {"stop", "length"}
     assert burst_stats["output_tokens"] == single_stats["output_tokens"]

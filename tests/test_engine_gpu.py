@@ -36,8 +36,9 @@ def test_gpu_kernel_engine_matches_reference(short_preset):
 
 
 def test_fused_bursts_match_step_by_step_bursts(short_preset):
-    # a burst as one executable (runtime.burst.make_fused) against its steps dispatched one by
-    # one: same kernel, same tokens, greedy and sampled rows (bf16, llama-1b's layer shapes)
+    # a burst as one executable (runtime.burst.make_fused) that unpacks its own inputs
+    # (runtime.folded) against its steps dispatched one by one from separately unpacked inputs:
+    # same kernel, same tokens, greedy and sampled rows (bf16, llama-1b's layer shapes)
     model = short_preset("llama-1b", 2)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 32000, n).tolist() for n in (3, 30, 70, 9, 120, 1)]
@@ -52,7 +53,7 @@ def test_fused_bursts_match_step_by_step_bursts(short_preset):
     )  # fmt: skip
     outputs, fused_counts = {}, {}
     for fused in (False, True):
-        llm = LLM(model, fused_bursts=fused, **opts)
+        llm = LLM(model, fused_bursts=fused, fold_inputs=fused, **opts)
         outs = llm.generate(prompts, params, use_tqdm=False)
         outputs[fused] = [o.outputs[0].token_ids for o in outs]
         fused_counts[fused] = llm._driver.runner.num_fused_bursts

@@ -22,6 +22,7 @@ import numpy as np
 from paged_jax.engine.plan import StepPlan
 from paged_jax.runtime.burst import BURST_MODES, FusedBurst
 from paged_jax.runtime.controls import STEP_INPUTS, pack_controls
+from paged_jax.runtime.folded import Folded
 from paged_jax.runtime.inflight import InFlight, StepOutput, source_rows
 from paged_jax.runtime.pack import StepInputs, pack
 from paged_jax.runtime.select import GREEDY, SELECT_INPUTS, SelectMode, select_mode
@@ -57,7 +58,8 @@ class ExecutableKey(NamedTuple):
     "controls" (``runtime.controls``; num_tokens 0), "copy" (copy-on-write of up to num_seqs
     pages; num_tokens 0), "widen" or "keep" (num_tokens 0; ``runtime.feed``), or "unpack" /
     "unpack_feed" of a bucket (its inputs from one wire buffer; ``runtime.wire``), or a
-    ``FusedBurst`` of a decode bucket (a whole burst in one executable; ``runtime.burst``)."""
+    ``FusedBurst`` of a decode bucket (a whole burst in one executable; ``runtime.burst``), or
+    ``Folded`` of a step variant or fused burst (unpacking its own wire; ``runtime.folded``)."""
 
     num_tokens: int
     num_seqs: int
@@ -66,7 +68,8 @@ class ExecutableKey(NamedTuple):
 
 class StepDispatch:
     """Mixin: needs ``buckets``, ``page_size``, ``max_pages_per_seq``, ``params``, ``kv``,
-    ``cfg``, ``decode_variant``, ``_steps``, ``_replicated``, ``_executable(key)``,
+    ``cfg``, ``decode_variant``, ``fold_inputs``, ``_no_feed``, ``_steps``, ``_replicated``,
+    ``_executable(key)``,
     ``warmed_up`` and ``num_compiles_after_warmup``."""
 
     def run(self, plan: StepPlan, token_masks: dict[int, np.ndarray] | None = None) -> StepOutput:
@@ -147,11 +150,8 @@ class StepDispatch:
         n = plan.num_seqs
         want_prompt = any(i.prompt_targets for i in plan.scheduled)
         bucket = self.buckets.pick_bucket(plan.num_tokens, n)  # a burst: one token per row
-        fused = self._fused_key(plan, bucket, token_masks)
-        step = self._executable(
-            fused or ExecutableKey(*bucket, _step_variant(plan, bucket, want_prompt,
-                                                          self.decode_variant))
-        )  # fmt: skip
+        fused = self._fused_key(plan, token_masks)
+        variant = _step_variant(plan, bucket, want_prompt, self.decode_variant)
         host = _as_dict(
             pack(
                 plan,
@@ -162,28 +162,48 @@ class StepDispatch:
             )
         )
         if feed:
-            previous, rows = feed
-            host["source_rows"] = source_rows(host["cu_q_lens"], rows, bucket[0])
-            widen = self._executable(ExecutableKey(0, previous.bucket[1], "widen"))
-        unpack = self._executable(ExecutableKey(*bucket, "unpack_feed" if feed else "unpack"))
+            host["source_rows"] = source_rows(host["cu_q_lens"], feed[1], bucket[0])
+        elif self.fold_inputs:  # the folded executable always takes source rows
+            host["source_rows"] = np.full(bucket[0], -1, np.int32)
         flat = jax.device_put(to_wire(host), self.wire_sharding)  # i32[N]: one transfer
         packed = time.perf_counter()
         previous_ready = feed is None or feed[0].ready()
-        # the last input token of some rows is the step in flight's sample
-        inputs = unpack(flat, widen(previous.last)) if feed else unpack(flat)
-        inflight = InFlight(plan, bucket, inputs, step, enqueued=packed,
+        inflight = InFlight(plan, bucket, {}, None, enqueued=packed,
                             previous_ready=previous_ready)  # fmt: skip
+        # the last input token of some rows is the step in flight's sample
+        last = self._wide_last(feed[0]) if feed else self._no_feed  # i32[S_max]
+        kind = fused or variant
+        if self.fold_inputs:  # the step unpacks its own inputs (runtime.folded)
+            step, args = self._executable(ExecutableKey(*bucket, Folded(kind))), (flat, last)
+        else:
+            unpack = self._executable(ExecutableKey(*bucket, "unpack_feed" if feed else "unpack"))
+            inflight.inputs = unpack(flat, last) if feed else unpack(flat)
+            step, args = self._executable(ExecutableKey(*bucket, kind)), (inflight.inputs,)
         if plan.page_copies:  # before the step writes K/V into the copies
             self._copy_pages(plan.page_copies)
+        outputs = step(self.params, self.kv, *args)
         if fused:
-            self.kv, tokens, inflight.last = step(self.params, self.kv, inputs)
+            self.kv, tokens, inflight.last = outputs
             inflight.sampled, inflight.last_exact, inflight.fused = [tokens], True, True
+            inflight.last_wide = self.fold_inputs
             self.num_fused_bursts += 1
         else:
-            self.kv, inflight.out = step(self.params, self.kv, inputs)
+            self.kv, inflight.out = outputs[:2]
+            inflight.step = step
+            if self.fold_inputs:
+                inflight.inputs = outputs[2]
+                # a burst's further steps take advance's inputs: the unfolded step
+                if plan.num_steps:
+                    inflight.step = self._executable(ExecutableKey(*bucket, variant))
         inflight.pack_s = packed - start
         inflight.dispatch_s = time.perf_counter() - packed
         return inflight
+
+    def _wide_last(self, previous: InFlight) -> jax.Array:
+        """i32[S_max]: the samples of the step in flight, widened if they are not yet."""
+        if previous.last_wide:
+            return previous.last
+        return self._executable(ExecutableKey(0, previous.bucket[1], "widen"))(previous.last)
 
     def _dispatch_select(self, inflight: InFlight, token_masks: dict[int, np.ndarray]) -> None:
         """The token selection of a started step (a burst: every further step as well)."""
@@ -216,7 +236,11 @@ class StepDispatch:
                 )
             inflight.sampled.append(chosen["sampled"])
             if j == 0:
-                inflight.last = chosen["sampled"]
+                # a folded step's argmax comes widened too (runtime.folded); a burst's last
+                # samples stay i32[S] for keep
+                wide = "wide" in out and not plan.num_steps and chosen["sampled"] is out["greedy"]
+                inflight.last = out["wide"] if wide else chosen["sampled"]
+                inflight.last_wide = wide
             elif plan.num_steps and self.feeds_bursts:  # the next step may be fed from it
                 keep = self._executable(ExecutableKey(0, bucket[1], "keep"))
                 inflight.last = keep(
@@ -231,17 +255,16 @@ class StepDispatch:
     def _fused_key(
         self,
         plan: StepPlan,
-        bucket: tuple[int, int],
         token_masks: dict[int, np.ndarray] | None,
-    ) -> ExecutableKey | None:
-        """The fused burst that runs this plan, if one does: a burst of exactly
+    ) -> FusedBurst | None:
+        """The kind of the fused burst that runs this plan, if one does: a burst of exactly
         ``fused_burst_steps`` steps whose rows use no logits controls or token masks."""
         if not plan.num_steps or plan.burst_len != self.fused_burst_steps or token_masks:
             return None
         if any(i.sample and i.params.uses_controls for i in plan.scheduled):
             return None
         mode = select_mode(plan)
-        return ExecutableKey(*bucket, FusedBurst(mode)) if mode in BURST_MODES else None
+        return FusedBurst(mode) if mode in BURST_MODES else None
 
 
 def _step_variant(plan: StepPlan, bucket: tuple[int, int], prompt: bool, decode: bool) -> str:

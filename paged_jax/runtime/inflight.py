@@ -31,6 +31,7 @@ class InFlight:
     out: dict[str, jax.Array] | None = None  # the step's latest outputs
     sampled: list[jax.Array] = dataclasses.field(default_factory=list)  # i32[S] per step
     last: jax.Array | None = None  # i32[S]: each row's last sample (a burst: its own last step)
+    last_wide: bool = False  # ``last`` is already i32[S_max] (``runtime.folded``)
     last_exact: bool = False  # ``last`` is that (a burst without ``feeds_bursts``: not)
     fused: bool = False  # a fused burst (runtime.burst.make_fused): ``sampled`` is [i32[S, K]]
     logprobs: dict[str, jax.Array] | None = None

@@ -47,12 +47,12 @@ from paged_jax.runtime.dispatch import (
     _step_variant_of_burst,
 )
 from paged_jax.runtime.feed import keep_last, widen
+from paged_jax.runtime.folded import Folded, lower_wired
 from paged_jax.runtime.pack import pack
 from paged_jax.runtime.select import GREEDY, SELECT_INPUTS, SelectMode, make_select
 from paged_jax.runtime.state import KVState, copy_pages
 from paged_jax.runtime.step import VARIANTS, StepFn, invariant_rows, make_step
 from paged_jax.runtime.warmup import compile_all
-from paged_jax.runtime.wire import from_wire, layout_of, unpack_feed, wire_size
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,11 @@ class ModelRunner(StepDispatch):
         # the memory the wire buffer is sent to: "pinned_host" lets the step call go on
         # without waiting for a host-to-device transfer (runtime.wire); set by build
         self.wire_memory = "device"
+        # the step executables unpack their own wire buffer (runtime.folded); set by build
+        self.fold_inputs = False
         self._zero = jax.device_put(np.int32(0), self._replicated)  # i32[]: a burst's step 0
+        width = buckets.seq_buckets[-1]  # i32[S_max]: feeds no token (source rows all -1)
+        self._no_feed = jax.device_put(np.zeros(width, np.int32), self._replicated)
         self._process = jax.jit(make_process(eos_token_ids, cfg.vocab_size))
         self._select = functools.partial(make_select, eos_token_ids=eos_token_ids,
                                          vocab_size=cfg.vocab_size, rows=rows)  # fmt: skip
@@ -195,20 +199,8 @@ class ModelRunner(StepDispatch):
             return self._widen, (row,)
         if kind == "keep":
             return self._keep_last, (row, row, self._struct((), jnp.int32), row)
-        if kind in ("unpack", "unpack_feed"):
-            if kind == "unpack_feed":
-                inputs["source_rows"] = self._struct((max(num_tokens, num_seqs),), jnp.int32)
-            layout = layout_of(inputs)
-            size = (wire_size(layout),)
-            flat = jax.ShapeDtypeStruct(size, jnp.int32, sharding=self.wire_sharding)
-            move = None if self.wire_memory == "device" else self._on_device
-            out = move or self._replicated
-            shardings = {} if out is None else {"out_shardings": out}
-            unpack = from_wire if kind == "unpack" else unpack_feed
-            fn = jax.jit(functools.partial(unpack, layout=layout, device=move), **shardings)
-            if kind == "unpack":
-                return fn, (flat,)
-            return fn, (flat, self._struct((self.buckets.seq_buckets[-1],), jnp.int32))
+        if kind in ("unpack", "unpack_feed") or isinstance(kind, Folded):
+            return lower_wired(self, key, inputs)
         if kind == "advance":
             return self._advance, (inputs, row, self._struct((), jnp.int32))
         if isinstance(kind, FusedBurst):
@@ -217,12 +209,14 @@ class ModelRunner(StepDispatch):
 
     def _fused(self, key: ExecutableKey) -> Any:
         """The jitted fused burst of a decode bucket and selection (``runtime.burst``)."""
+        return jax.jit(self._fused_fn(key), donate_argnums=(1,))
+
+    def _fused_fn(self, key: ExecutableKey) -> Any:
         num_tokens, num_seqs, kind = key
         variant = _step_variant_of_burst(num_tokens, num_seqs, self.decode_variant)
         step = self._make_step(variant=variant, **self._step_options)
         select = None if kind.mode == GREEDY else self._select(kind.mode)
-        fused = make_fused(step, select, num_steps=self.fused_burst_steps, page_size=self.page_size)
-        return jax.jit(fused, donate_argnums=(1,))
+        return make_fused(step, select, num_steps=self.fused_burst_steps, page_size=self.page_size)
 
     def _lower(self, key: ExecutableKey) -> Any:
         fn, args = self.lower_args(key)
@@ -263,14 +257,18 @@ class ModelRunner(StepDispatch):
         """Every executable warmup compiles: the step of each reachable bucket (and its
         decode-only and prompt-scoring variants where they apply), the selectors, the page
         copies, the burst advances, the input unpacking of each bucket (``runtime.wire``; with
-        async scheduling also its token-feeding twin)."""
+        async scheduling also its token-feeding twin). With ``fold_inputs`` the steps unpack
+        their own inputs (``runtime.folded``), and a non-fused burst's further steps are the
+        plain step executables of the decode buckets."""
         variants = ("plain", "prompt") if logprobs else ("plain",)
         reachable = self.buckets.reachable()
-        keys = [ExecutableKey(*bucket, v) for bucket in reachable for v in variants]
-        keys += [ExecutableKey(*bucket, "unpack") for bucket in reachable]
+        fold = Folded if self.fold_inputs else lambda kind: kind
+        keys = [ExecutableKey(*bucket, fold(v)) for bucket in reachable for v in variants]
+        if not self.fold_inputs:
+            keys += [ExecutableKey(*bucket, "unpack") for bucket in reachable]
         if self.decode_variant:
             decode = [b for b in self.buckets.decode_buckets() if b[0] == b[1]]
-            keys += [ExecutableKey(*b, "decode") for b in decode]
+            keys += [ExecutableKey(*b, fold("decode")) for b in decode]
         # sampling, and greedy with candidates' logprobs (beam search)
         modes = [SelectMode(True, False, False), SelectMode(True, True, False)]
         modes.append(GREEDY._replace(logprobs=True))
@@ -282,16 +280,20 @@ class ModelRunner(StepDispatch):
         keys += [ExecutableKey(0, s, "copy") for s in self.buckets.seq_buckets]
         if decode_bursts:
             keys += [ExecutableKey(*b, "advance") for b in self.buckets.decode_buckets()]
+            if self.fold_inputs:  # a burst's further steps take their inputs from advance
+                keys += [ExecutableKey(*b, _step_variant_of_burst(*b, self.decode_variant))
+                         for b in self.buckets.decode_buckets()]  # fmt: skip
             if self.fused_burst_steps:
-                keys += [ExecutableKey(*b, FusedBurst(mode)) for b in
+                keys += [ExecutableKey(*b, fold(FusedBurst(mode))) for b in
                          self.buckets.decode_buckets() for mode in BURST_MODES]  # fmt: skip
         if async_scheduling:
             keys += [ExecutableKey(0, s, "widen") for s in self.buckets.seq_buckets]
             if decode_bursts:
                 burst_seqs = sorted({s for _, s in self.buckets.decode_buckets()})
                 keys += [ExecutableKey(0, s, "keep") for s in burst_seqs]
-            keys += [ExecutableKey(*bucket, "unpack_feed") for bucket in reachable]
-        return keys
+            if not self.fold_inputs:
+                keys += [ExecutableKey(*bucket, "unpack_feed") for bucket in reachable]
+        return list(dict.fromkeys(keys))
 
     def fill_free_pages(self, page_ids: list[int], value: float = float("nan")) -> None:
         """Overwrite pages (e.g. every free one) with ``value``: a test hook for stray reads.
