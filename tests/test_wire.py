@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from paged_jax.runtime.wire import from_wire, layout_of, to_wire, unpack_feed, wire_size
+from paged_jax.runtime.wire import ALIGN, from_wire, layout_of, to_wire, unpack_feed, wire_size
 
 
 def _arrays() -> dict[str, np.ndarray]:
@@ -26,7 +26,10 @@ def test_round_trip_is_bit_exact():
     host = _arrays()
     layout = layout_of(host)
     flat = to_wire(host)
-    assert flat.dtype == np.int32 and flat.shape == (wire_size(layout),) == (34,)
+    # each of the 6 arrays (34 values) starts 256 bytes after the last (Mosaic GPU's alignment)
+    assert flat.dtype == np.int32 and flat.shape == (wire_size(layout),) == (6 * ALIGN,) == (384,)
+    assert flat[ALIGN : ALIGN + 12].tolist() == host["page_tables"].reshape(-1).tolist()
+    assert not flat[8:ALIGN].any()
     back = jax.jit(lambda f: from_wire(f, layout))(flat)
     assert sorted(back) == sorted(host)
     for name, a in host.items():

@@ -2,11 +2,13 @@
 
 ``pack`` makes 19 small arrays per step (``runtime.pack.StepInputs``). Sent one by one, each is
 its own host-to-device transfer, and on a small model their dispatch is a large share of the
-step. ``to_wire`` lays them end to end in one i32 buffer (f32 and u32 bit for bit, bool as 0 /
-1); ``from_wire``, inside a tiny executable per bucket, cuts it back into the same arrays on the
-device. With async scheduling the same executable also feeds each placeholder token from the
-step in flight's samples (``runtime.feed``, in place of its own executable), so a fed step
-costs one transfer and as many executable calls as before; an unfed step costs one call more.
+step. ``to_wire`` lays them one after the other in one i32 buffer, each 256-byte aligned (f32
+and u32 bit for bit, bool as 0 / 1); ``from_wire``, inside a tiny executable per bucket, cuts
+it back into the same arrays on the device. With async scheduling the same executable also
+feeds each placeholder token from the step in flight's samples (``runtime.feed``, in place of
+its own executable), so a fed step costs one transfer and as many executable calls as before;
+an unfed step costs one call more. With ``fold_inputs`` the step executable itself unpacks
+(``runtime.folded``).
 
 With ``pinned_inputs`` (the default on GPU) the buffer is put in pinned host memory and the
 unpack executable copies it to the device (``from_wire``'s ``device``): a call whose input was
@@ -42,17 +44,30 @@ def layout_of(arrays: dict[str, Any]) -> Layout:
     return tuple(out)
 
 
+# Each array starts a multiple of this many i32 (256 bytes) into the buffer. An executable that
+# unpacks its own inputs (runtime.folded) may hand a kernel a slice of the buffer as it is, and
+# Mosaic GPU kernels require 256-byte aligned operands.
+ALIGN = 64
+
+
+def _padded(size: int) -> int:
+    return -(-size // ALIGN) * ALIGN
+
+
 def wire_size(layout: Layout) -> int:
-    return sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in layout)
+    return sum(_padded(int(np.prod(shape, dtype=np.int64))) for _, shape, _ in layout)
 
 
 def to_wire(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """Host arrays -> i32[N], end to end in dict order (f32 / u32 reinterpreted, bool 0 / 1)."""
-    parts = []
-    for a in arrays.values():
-        a = np.ascontiguousarray(a).reshape(-1)
-        parts.append(a.astype(np.int32) if a.dtype == np.bool_ else a.view(np.int32))
-    return np.concatenate(parts)
+    """Host arrays -> i32[N], in dict order, each from a multiple of ``ALIGN`` (zeros between;
+    f32 / u32 reinterpreted, bool 0 / 1)."""
+    parts = [np.ascontiguousarray(a).reshape(-1) for a in arrays.values()]
+    flat = np.zeros(sum(_padded(a.size) for a in parts), np.int32)
+    offset = 0
+    for a in parts:
+        flat[offset : offset + a.size] = a if a.dtype == np.bool_ else a.view(np.int32)
+        offset += _padded(a.size)
+    return flat
 
 
 def from_wire(
@@ -66,7 +81,7 @@ def from_wire(
     for name, shape, dtype in layout:
         size = int(np.prod(shape, dtype=np.int64))
         part = flat[offset : offset + size].reshape(shape)
-        offset += size
+        offset += _padded(size)
         if dtype == "bool":
             part = part != 0
         elif dtype != "int32":
