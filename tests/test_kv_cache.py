@@ -24,7 +24,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from paged_jax.engine.kv_cache import NULL_PAGE, KVCacheManager, chain_hashes
+from paged_jax.engine.kv_cache import NULL_PAGE, KVCacheManager
+from paged_jax.engine.prefix_hash import chain_hashes
 from paged_jax.engine.sampling_params import SamplingParams
 from paged_jax.engine.sequence import Sequence, cdiv
 

@@ -8,9 +8,9 @@ and finish, ``fork`` to share) and never touch page ids or divide by ``page_size
 Page 0 is ``NULL_PAGE``: never handed out. Padding tokens write their K/V there and padding rows
 of page tables point there, so it always holds garbage that no live sequence reads.
 
-Prefix caching: a full page whose K/V has been computed is keyed by a hash chain
-``h_i = blake2b(h_{i-1} || token ids of page i)`` with ``h_{-1}`` made from the request's
-``cache_salt`` (so different salts never share a page). A page whose count drops to 0 keeps its
+Prefix caching: a full page whose K/V has been computed is keyed by its hash chain
+(``engine.prefix_hash``: salted by the request's ``cache_salt``, so different salts never
+share a page). A page whose count drops to 0 keeps its
 key and waits in an LRU queue (a sequence's tail pages first) until an allocation with no
 never-cached page left evicts it. Admission reuses the longest chain of cached pages of the
 sequence's known tokens, but always leaves at least one token to compute (the step needs its
@@ -24,41 +24,16 @@ pair and ``take_copies`` hands a step's pairs to the plan.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Iterable
 
+from paged_jax.engine.prefix_hash import extend_chain
 from paged_jax.engine.sequence import Sequence, cdiv
 
 logger = logging.getLogger(__name__)
 
 NULL_PAGE = 0
-
-
-def _root_hash(cache_salt: str | None) -> bytes:
-    return hashlib.blake2b(f"paged_jax/{cache_salt!r}".encode(), digest_size=16).digest()
-
-
-def chain_hashes(
-    token_ids: list[int], page_size: int, cache_salt: str | None, start: Iterable[bytes] = ()
-) -> list[bytes]:
-    """The hash chain of every full page of ``token_ids``, extending ``start`` (earlier pages)."""
-    hashes = list(start)
-    _extend_chain(hashes, token_ids, page_size, cache_salt, len(token_ids) // page_size)
-    return hashes
-
-
-def _extend_chain(
-    hashes: list[bytes], token_ids: list[int], page_size: int, cache_salt: str | None, n: int
-) -> None:
-    """Extend ``hashes`` (the chain of token_ids' first pages) in place to ``n`` pages."""
-    parent = hashes[-1] if hashes else _root_hash(cache_salt)
-    for i in range(len(hashes), n):
-        page = array("q", token_ids[i * page_size : (i + 1) * page_size]).tobytes()
-        parent = hashlib.blake2b(parent + page, digest_size=16).digest()
-        hashes.append(parent)
 
 
 class KVCacheManager:
@@ -331,7 +306,7 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(seq.seq_id, [])
         if len(hashes) < num_pages:
             salt = seq.sampling_params.cache_salt
-            _extend_chain(hashes, seq.token_ids, self.page_size, salt, num_pages)
+            extend_chain(hashes, seq.token_ids, self.page_size, salt, num_pages)
         return hashes if len(hashes) == num_pages else hashes[:num_pages]
 
     def _shared_tail(self, seq: Sequence, table: array) -> list[int]:
