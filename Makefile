@@ -16,8 +16,11 @@ run: $(VENV)/.installed
 	$(VENV)/bin/paged-jax generate --config configs/smollm2-135m.yaml \
 		--input examples/prompts.jsonl --output out/prompts.out.jsonl --print
 
+# Two pytest-xdist processes (CI has 2 cores), a test module per process so that its
+# module-scoped engines are built once; TEST_PROCS=0 runs them in this process.
+TEST_PROCS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_PROCS) --dist loadfile
 
 # On a CUDA machine: the `gpu`-marked tests, 4 processes sharing the GPU (they are compile-bound).
 test-gpu: $(VENV)/.installed
