@@ -1,9 +1,10 @@
 """Host milliseconds per step record of schedule / pack + wire / launch / resolve, without a
-model: a scheduler over 256 decoding sequences (prompts of 50-700 tokens), bursts of
-``decode_steps``, fake sampled tokens.
+model: a scheduler over 256 sequences (prompts of 50-700 tokens), bursts of ``decode_steps``,
+fake sampled tokens. Mixed records are the steps while prompts are still being prefilled.
 
     python scripts/bench_host.py [decode_steps] [-p]   # -p: cProfile 30 records
     python scripts/bench_host.py 8 -r                  # cProfile of resolve only
+    python scripts/bench_host.py 8 -m                  # cProfile of the mixed (prefill) records
 """
 
 import cProfile
@@ -66,8 +67,21 @@ def one(timing=None):
     return plan
 
 
+M = []
+prof = cProfile.Profile() if "-m" in sys.argv else None
 while any(s.num_schedulable_tokens > 1 for s in sch._running) or sch.num_waiting_seqs:
-    one()
+    if prof:
+        prof.enable()
+    one(M)
+    if prof:
+        prof.disable()
+m = np.array([t[:4] for t in M]) * 1e3
+print(
+    f"mixed records ({len(M)}): schedule {np.median(m[:, 0]):.3f} pack+wire "
+    f"{np.median(m[:, 1]):.3f} launch {np.median(m[:, 2]):.3f} resolve {np.median(m[:, 3]):.3f} ms"
+)
+if prof:
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 T = []
 for _ in range(60):
     one(T)
