@@ -5,10 +5,14 @@
 # max_model_len 4096 and 2048, all at the paged run's KV memory), prefix (the shared-prefix
 # workload with ~80- and ~340-token prefixes, prefix caching on and off), others (llama-1b and
 # llama3-8b, paged with and without bursts, llama3-8b contiguous), hf (HF transformers
-# generate, the workload's first 64 requests), or all (default). One persistent compilation cache serves every run (the first
-# run's warmup is the cold figure). Each run writes <tag>.json/.md/.png under OUT_DIR.
+# generate, the workload's first 64 requests), ratios (issue 13's set, every run on the whole
+# 1000-request workload: llama2-7b paged and contiguous at 4096 and 2048, llama3-8b paged and
+# contiguous at 2048, llama-1b paged, then hf; ratios1 and ratios2 are its two halves, for
+# machines that limit one command's time), or all (default). One persistent compilation cache
+# serves every run (the first run's warmup is the cold figure). Each run writes
+# <tag>.json/.md/.png under OUT_DIR.
 set -u -o pipefail
-out=${1:?usage: bench_gpu_e2e.sh OUT_DIR [llama2|prefix|others|hf|all]}
+out=${1:?usage: bench_gpu_e2e.sh OUT_DIR [llama2|prefix|others|hf|ratios|ratios1|ratios2|all]}
 part=${2:-all}
 mkdir -p "$out"
 cache=${PAGED_JAX_BENCH_CACHE:-/tmp/paged_jax_bench_cache}
@@ -46,7 +50,23 @@ if [[ $part == others || $part == all ]]; then
   bench --model random:llama3-8b max_num_seqs=512 --contiguous num_pages="$n" \
     --num-requests 300 --tag llama3-8b-contiguous-2048
 fi
-if [[ $part == hf || $part == all ]]; then
+if [[ $part == ratios || $part == ratios1 ]]; then
+  m=random:llama2-7b
+  bench --model $m max_model_len=4096 max_num_seqs=512 --tag llama2-7b-paged
+  n=$(pages "$out/llama2-7b-paged.json")
+  bench --model $m max_model_len=4096 max_num_seqs=512 --contiguous num_pages="$n" \
+    --tag llama2-7b-contiguous-4096-all
+  bench --model $m max_model_len=2048 max_num_seqs=512 --contiguous num_pages="$n" \
+    --tag llama2-7b-contiguous-2048-all
+fi
+if [[ $part == ratios || $part == ratios2 ]]; then
+  bench --model random:llama3-8b max_num_seqs=512 --tag llama3-8b-paged
+  n=$(pages "$out/llama3-8b-paged.json")
+  bench --model random:llama3-8b max_num_seqs=512 --contiguous num_pages="$n" \
+    --tag llama3-8b-contiguous-2048-all
+  bench --model random:llama-1b --num-requests 500 --tag llama-1b-paged-500
+fi
+if [[ $part == hf || $part == all || $part == ratios || $part == ratios2 ]]; then
   python3 "$here/bench_hf.py" --model random:llama2-7b --num-requests 64 --batch-size 32 \
     --out "$out" --tag hf-llama2-7b
 fi
