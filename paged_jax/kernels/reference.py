@@ -58,6 +58,18 @@ def _row_metadata(
     return seq, pos, valid
 
 
+def _gather_pages(pages: jax.Array, page_ids: jax.Array) -> jax.Array:
+    """``pages[:, page_ids]`` (ids clipped into range), gathered from the pages viewed as
+    [Hkv * P, page_size, D]: XLA's gather writes its index dims first, so this yields the
+    head-major layout the per-head dots read, with no transpose pass over the gathered K/V."""
+    # pages: [Hkv, P, page_size, D]; page_ids: i32[...] -> [Hkv, ..., page_size, D]
+    num_kv_heads, num_pages = pages.shape[:2]
+    flat = pages.reshape(num_kv_heads * num_pages, *pages.shape[2:])  # free reshape
+    heads = jnp.arange(num_kv_heads, dtype=jnp.int32).reshape(-1, *(1,) * page_ids.ndim)
+    ids = heads * num_pages + jnp.clip(page_ids, 0, num_pages - 1)[None]  # i32[Hkv, ...]
+    return jnp.take(flat, ids, axis=0, mode="clip")
+
+
 def _attend_block(
     q_blk: jax.Array,
     seq_blk: jax.Array,
@@ -99,20 +111,22 @@ def _attend_block(
             mask &= kv_pos[None, :] > pos_blk[:, None] - sliding_window
         if shared:
             page_ids = lax.dynamic_slice_in_dim(tables_blk[0], j * pages_per_step, pages_per_step)
-            k = jnp.take(k_pages, page_ids, axis=1, mode="clip")  # [Hkv, pps, page_size, D]
-            v = jnp.take(v_pages, page_ids, axis=1, mode="clip")
+            k = _gather_pages(k_pages, page_ids)  # [Hkv, pps, page_size, D]
+            v = _gather_pages(v_pages, page_ids)
             k = k.reshape(num_kv_heads, step_len, head_dim).astype(jnp.float32)  # f32[Hkv, kc, D]
             v = v.reshape(num_kv_heads, step_len, head_dim).astype(jnp.float32)
             v = jnp.where(in_len[0][None, :, None], v, 0.0)  # rows share one kv_len
-            s = jnp.einsum("rhgd,hkd->rhgk", q_blk, k, precision=lax.Precision.HIGHEST)
+            s = jnp.einsum("hkd,rhgd->rhgk", k, q_blk, precision=lax.Precision.HIGHEST)
         else:
             page_ids = lax.dynamic_slice_in_dim(tables_blk, j * pages_per_step, pages_per_step, 1)
-            k = jnp.take(k_pages, page_ids, axis=1, mode="clip")  # [Hkv, bq, pps, ps, D]
-            v = jnp.take(v_pages, page_ids, axis=1, mode="clip")
+            k = _gather_pages(k_pages, page_ids)  # [Hkv, bq, pps, ps, D]
+            v = _gather_pages(v_pages, page_ids)
             k = k.reshape(num_kv_heads, block_q, step_len, head_dim).astype(jnp.float32)
             v = v.reshape(num_kv_heads, block_q, step_len, head_dim).astype(jnp.float32)
             v = jnp.where(in_len[None, :, :, None], v, 0.0)  # f32[Hkv, bq, kc, D]
-            s = jnp.einsum("rhgd,hrkd->rhgk", q_blk, k, precision=lax.Precision.HIGHEST)
+            q_hr = jnp.swapaxes(q_blk, 0, 1)  # f32[Hkv, bq, G, D]
+            s = jnp.einsum("hrkd,hrgd->hrgk", k, q_hr, precision=lax.Precision.HIGHEST)
+            s = jnp.swapaxes(s, 0, 1)  # f32[bq, Hkv, G, kc]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         s = jnp.where(mask[:, None, None, :], s, -jnp.inf)  # f32[bq, Hkv, G, kc]
@@ -123,7 +137,9 @@ def _attend_block(
         if shared:
             pv = jnp.einsum("rhgk,hkd->rhgd", p, v, precision=lax.Precision.HIGHEST)
         else:
-            pv = jnp.einsum("rhgk,hrkd->rhgd", p, v, precision=lax.Precision.HIGHEST)
+            p_hr = jnp.swapaxes(p, 0, 1)  # f32[Hkv, bq, G, kc]
+            pv = jnp.einsum("hrgk,hrkd->hrgd", p_hr, v, precision=lax.Precision.HIGHEST)
+            pv = jnp.swapaxes(pv, 0, 1)  # f32[bq, Hkv, G, D]
         return m_new, l, alpha[..., None] * acc + pv
 
     init = (
