@@ -60,6 +60,14 @@ def test_block_sizes_do_not_change_results(block_q: int, block_kv: int) -> None:
     _check(spec, block_sizes=ReferenceBlockSizes(block_q=block_q, block_kv=block_kv))
 
 
+@pytest.mark.parametrize("block_q,block_kv", [(4, 16), (16, 16), (16, 1024)])
+def test_decode_only_paths(block_q: int, block_kv: int) -> None:
+    # decode_only skips the one-sequence test; (16, 1024): one block, one kv step, no loops.
+    spec = decode_spec(16, 8, 2, 64, "float32", num_seqs=12, pages_per_seq=6, seed=5)
+    sizes = ReferenceBlockSizes(block_q=block_q, block_kv=block_kv)
+    _check(spec, decode_only=True, block_sizes=sizes)
+
+
 def test_long_prefill_chunk_single_sequence() -> None:
     # Blocks fully inside one sequence take the shared-gather path.
     spec = CaseSpec(16, 4, 1, 64, "float32", kv_lens=(100, 70), q_lens=(60, 70), pages_per_seq=8)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from paged_jax.model.layers import argmax_last
 from paged_jax.model.sampler import filter_logits, sample
 
 
@@ -104,3 +105,16 @@ def test_without_filters_the_draw_is_the_same():
     plain = np.asarray(sample(*args, use_filter=False))
     np.testing.assert_array_equal(filtered, plain)
     assert (plain != np.asarray(logits).argmax(-1)).sum() > 4  # it did sample
+
+
+def test_argmax_last_matches_numpy_argmax():
+    """Ties take the first index, a NaN counts as the max, as in numpy's argmax."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 1000)).astype(np.float32)
+    x[1, 10] = x[1, 700] = 50.0  # a tie: the first wins
+    x[2, 5] = x[2, 9] = np.nan  # the first NaN wins
+    x[3, :] = -np.inf  # all masked: index 0
+    x[4, -1] = np.inf
+    got = np.asarray(argmax_last(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got.dtype == np.int32

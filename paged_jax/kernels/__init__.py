@@ -95,7 +95,9 @@ def ragged_paged_attention(
     """
     name = impl if impl in _RESOLVED else resolve_impl(impl)
     module = importlib.import_module(f"paged_jax.kernels.{name.removesuffix('_interpret')}")
-    extra = {"decode_only": decode_only} if name == "gpu" else {}
+    # batch-invariant rows take one path whatever the step (reference: no per-row shortcut)
+    use_decode_only = name == "gpu" or (name == "reference" and not batch_invariant)
+    extra = {"decode_only": decode_only} if use_decode_only else {}
     if batch_invariant:
         if name not in ("reference", "gpu"):
             raise ValueError(f"batch_invariant attention needs impl reference or gpu, not {name!r}")

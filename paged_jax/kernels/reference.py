@@ -83,8 +83,13 @@ def _attend_block(
     pages_per_step: int,
     sliding_window: int | None,
     soft_cap: float | None,
+    one_step: bool,
+    per_row: bool,
 ) -> jax.Array:
-    """Attention of one block of q rows over their sequences' pages; f32[bq, Hkv, G, D]."""
+    """Attention of one block of q rows over their sequences' pages; f32[bq, Hkv, G, D].
+
+    ``one_step``: the whole page table is one kv step (no window), so the step runs once with
+    no loop; ``per_row``: take the per-row gather without testing for one sequence (decode)."""
     # q_blk: f32[bq, Hkv, G, D] (already scaled); seq/pos/valid_blk: [bq]
     # k_pages/v_pages: [Hkv, P, page_size, D]; page_tables: i32[S, pages_padded]
     block_q, num_kv_heads, group, head_dim = q_blk.shape
@@ -149,16 +154,21 @@ def _attend_block(
     )
 
     def run(shared: bool):
-        return lax.fori_loop(
-            num_steps_lo, num_steps_hi, functools.partial(step, shared=shared), init
-        )
+        body = functools.partial(step, shared=shared)
+        if one_step:  # a block that needs no kv token is fully masked: l stays 0
+            return body(jnp.int32(0), init)
+        return lax.fori_loop(num_steps_lo, num_steps_hi, body, init)
 
-    _, l, acc = lax.cond(one_seq, lambda: run(True), lambda: run(False))
+    if per_row:
+        _, l, acc = run(False)
+    else:
+        _, l, acc = lax.cond(one_seq, lambda: run(True), lambda: run(False))
     return acc / jnp.maximum(l, 1e-30)[..., None]
 
 
 @functools.partial(
-    jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_sizes")
+    jax.jit,
+    static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_sizes", "decode_only"),
 )
 def ragged_paged_attention(
     q: jax.Array,
@@ -173,10 +183,14 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     block_sizes: ReferenceBlockSizes = DEFAULT_BLOCK_SIZES,
+    decode_only: bool = False,
 ) -> jax.Array:
     """Ragged paged attention in plain jnp (contract: docs/kernels.md); returns q.dtype [T, Hq, D].
 
-    Rows past cu_q_lens[num_seqs] are padding and come back as 0.
+    Rows past cu_q_lens[num_seqs] are padding and come back as 0. ``decode_only``: the
+    caller's promise that every live sequence has q_len 1 (blocks take the per-row gather
+    without a ``lax.cond``). On XLA CPU every loop and branch is a runtime call around small
+    kernels, so a step whose page table fits one kv step runs without loops.
     """
     # q: [T, Hq, D]; k_pages/v_pages: [Hkv, P, page_size, D]; kv_lens: i32[S]
     # page_tables: i32[S, max_pages_per_seq]; cu_q_lens: i32[S+1]; num_seqs: i32[1]
@@ -202,22 +216,26 @@ def ragged_paged_attention(
     pos_p = jnp.pad(pos, (0, pad_rows))
     valid_p = jnp.pad(valid, (0, pad_rows))  # padding rows are not live
 
+    one_step = sliding_window is None and pages_per_step == tables.shape[1]
+
     def one_block(xs):
         q_blk, seq_blk, pos_blk, valid_blk = xs
         return _attend_block(
             q_blk, seq_blk, pos_blk, valid_blk, k_pages, v_pages, kv_lens, tables,
             pages_per_step=pages_per_step, sliding_window=sliding_window, soft_cap=soft_cap,
+            one_step=one_step, per_row=decode_only,
         )  # fmt: skip
 
-    out = lax.map(
-        one_block,
-        (
-            qf.reshape(num_blocks, block_q, *qf.shape[1:]),
-            seq_p.reshape(num_blocks, block_q),
-            pos_p.reshape(num_blocks, block_q),
-            valid_p.reshape(num_blocks, block_q),
-        ),
-    )  # f32[num_blocks, bq, Hkv, G, D]
+    blocks = (
+        qf.reshape(num_blocks, block_q, *qf.shape[1:]),
+        seq_p.reshape(num_blocks, block_q),
+        pos_p.reshape(num_blocks, block_q),
+        valid_p.reshape(num_blocks, block_q),
+    )
+    if num_blocks == 1:
+        out = one_block(tuple(x[0] for x in blocks))[None]
+    else:
+        out = lax.map(one_block, blocks)  # f32[num_blocks, bq, Hkv, G, D]
     out = out.reshape(num_blocks * block_q, shape.num_q_heads, shape.head_dim)[:num_tokens]
     return jnp.where(valid[:, None, None], out, 0.0).astype(q.dtype)
 

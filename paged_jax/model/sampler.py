@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from paged_jax.model.layers import argmax_last
+
 _BISECT_STEPS = 40  # halvings of the search interval: far below f32 resolution of logits
 
 
@@ -89,7 +91,7 @@ def sample(
     logits f32[S, V]; temperature/top_p/min_p f32[S]; top_k i32[S]; seeds u32[S];
     positions i32[S] -> i32[S]
     """
-    greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_ids = argmax_last(logits)
     is_greedy = temperature <= 0.0
     scaled = logits / jnp.where(is_greedy, 1.0, temperature)[:, None]
     if use_filter:

@@ -26,6 +26,7 @@ import numpy as np
 
 from paged_jax.engine.plan import StepPlan
 from paged_jax.engine.sampling_params import MAX_LOGIT_BIAS
+from paged_jax.model.layers import argmax_last
 from paged_jax.runtime.select import mask_eos
 
 CONTROL_INPUTS = ("num_prompt_tokens", "penalties", "bias_ids", "bias_values", "token_mask")
@@ -130,7 +131,7 @@ def make_process(eos_token_ids: tuple[int, ...], vocab_size: int):
         logits = apply_controls(
             logits, token_pages, inputs["page_tables"], inputs["kv_lens"], controls
         )
-        greedy = jnp.argmax(mask_eos(logits, inputs["suppress_eos"], eos_ids), axis=-1)
+        greedy = argmax_last(mask_eos(logits, inputs["suppress_eos"], eos_ids))
         return logits, greedy.astype(jnp.int32)
 
     return process

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from paged_jax.kernels import ragged_paged_attention, write_kv
 from paged_jax.model.config import ModelConfig
-from paged_jax.model.layers import all_rows, row_tiles
+from paged_jax.model.layers import all_rows, argmax_last, row_tiles
 from paged_jax.model.llama import Params
 from paged_jax.model.registry import family_of
 from paged_jax.runtime.select import mask_eos, top_logprobs
@@ -120,7 +120,7 @@ def make_step(
             return rows(lambda h: family.compute_logits(params, cfg, h), hidden)
 
         logits = logits_of(hidden[inputs["logits_indices"]])  # f32[S, V]
-        greedy = jnp.argmax(mask_eos(logits, inputs["suppress_eos"], eos_ids), axis=-1)
+        greedy = argmax_last(mask_eos(logits, inputs["suppress_eos"], eos_ids))
         outputs = {"logits": logits, "greedy": greedy.astype(jnp.int32)}
         if variant == "prompt":
             all_logits = logits_of(hidden)  # f32[T, V]
