@@ -48,6 +48,5 @@ def plan_burst(
         return plan
     for item, n, num_extra in zip(items, steps, extra, strict=True):
         if num_extra:  # the items are this schedule call's own: updated in place
-            kv_cache.append(item.seq, n)
-            item.page_ids = kv_cache.page_row(item.seq)
+            item.page_ids = kv_cache.append(item.seq, n)
     return StepPlan(items, plan.preempted, tuple(steps))

@@ -187,10 +187,11 @@ class KVCacheManager:
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.num_pages_to_append(seq, num_new_tokens) <= self.num_free_pages
 
-    def append(self, seq: Sequence, num_new_tokens: int) -> None:
+    def append(self, seq: Sequence, num_new_tokens: int) -> array:
         """Grow the page table to hold ``num_new_tokens`` more tokens past the computed ones.
         A shared page the write may touch is first replaced by a private one: a copy of it
-        (queued for the step) when it holds computed tokens, else just a fresh page."""
+        (queued for the step) when it holds computed tokens, else just a fresh page. Returns
+        the grown table's snapshot (``page_row``), what the plan carries."""
         table = self._tables[seq.seq_id]
         shared = self._shared_tail(seq, table)
         need = self.pages_for(seq.num_computed_tokens + num_new_tokens) - len(table)
@@ -208,6 +209,7 @@ class KVCacheManager:
         if need > 0:
             table.extend(self._new_pages(need))
             self._num_table_pages += need
+        return table[:]
 
     def take_copies(self) -> tuple[tuple[int, int], ...]:
         """The copy-on-write (src, dst) pairs queued since the last call."""

@@ -248,7 +248,7 @@ class Scheduler(GroupForking, StepUpdates):
         token_ids, params = seq.token_ids, seq.sampling_params
         start = seq.num_computed_tokens
         end = start + num_new_tokens
-        self.kv_cache.append(seq, num_new_tokens)
+        page_ids = self.kv_cache.append(seq, num_new_tokens)
         targets = ()
         if params.prompt_logprobs is not None:  # token p + 1 is scored at position p
             targets = tuple(token_ids[start + 1 : min(end, seq.num_prompt_tokens - 1) + 1])
@@ -258,7 +258,7 @@ class Scheduler(GroupForking, StepUpdates):
             num_new_tokens=num_new_tokens,
             sample=end == len(token_ids),
             token_ids=tuple(token_ids[start:end]),
-            page_ids=self.kv_cache.page_row(seq),
+            page_ids=page_ids,
             sample_position=len(token_ids) - seq.num_prompt_tokens,
             params=params,
             seed=seq.seed,
