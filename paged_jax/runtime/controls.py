@@ -132,6 +132,6 @@ def make_process(eos_token_ids: tuple[int, ...], vocab_size: int):
             logits, token_pages, inputs["page_tables"], inputs["kv_lens"], controls
         )
         greedy = argmax_last(mask_eos(logits, inputs["suppress_eos"], eos_ids))
-        return logits, greedy.astype(jnp.int32)
+        return logits, greedy
 
     return process

@@ -121,7 +121,7 @@ def make_step(
 
         logits = logits_of(hidden[inputs["logits_indices"]])  # f32[S, V]
         greedy = argmax_last(mask_eos(logits, inputs["suppress_eos"], eos_ids))
-        outputs = {"logits": logits, "greedy": greedy.astype(jnp.int32)}
+        outputs = {"logits": logits, "greedy": greedy}
         if variant == "prompt":
             all_logits = logits_of(hidden)  # f32[T, V]
             outputs["prompt"] = rows(top_logprobs, all_logits, inputs["target_ids"])
