@@ -272,11 +272,11 @@ def _step_variant(plan: StepPlan, bucket: tuple[int, int], prompt: bool, decode:
     if prompt:
         return "prompt"
     if plan.num_tokens == plan.num_seqs:
-        return _step_variant_of_burst(*bucket, decode)
+        return step_variant_of_burst(*bucket, decode)
     return "plain"
 
 
-def _step_variant_of_burst(num_tokens: int, num_seqs: int, decode: bool) -> str:
+def step_variant_of_burst(num_tokens: int, num_seqs: int, decode: bool) -> str:
     """The step variant of a decode-only plan in bucket (num_tokens, num_seqs)."""
     return "decode" if decode and num_tokens == num_seqs else "plain"
 

@@ -37,14 +37,14 @@ from paged_jax.model.layers import all_rows
 from paged_jax.model.llama import Params
 from paged_jax.runtime import tp
 from paged_jax.runtime.buckets import Buckets
-from paged_jax.runtime.burst import BURST_MODES, FusedBurst, advance, make_fused
+from paged_jax.runtime.burst import FusedBurst, advance, make_fused
 from paged_jax.runtime.controls import STEP_INPUTS, make_process, pack_controls
 from paged_jax.runtime.dispatch import (
     ExecutableKey,
     StepDispatch,
     _as_dict,
     _install_listener,
-    _step_variant_of_burst,
+    step_variant_of_burst,
 )
 from paged_jax.runtime.feed import keep_last, widen
 from paged_jax.runtime.folded import Folded, lower_wired
@@ -52,7 +52,7 @@ from paged_jax.runtime.pack import pack
 from paged_jax.runtime.select import GREEDY, SELECT_INPUTS, SelectMode, make_select
 from paged_jax.runtime.state import KVState, copy_pages
 from paged_jax.runtime.step import VARIANTS, StepFn, invariant_rows, make_step
-from paged_jax.runtime.warmup import compile_all
+from paged_jax.runtime.warmup import compile_all, warmup_keys
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class ModelRunner(StepDispatch):
 
     def _fused_fn(self, key: ExecutableKey) -> Any:
         num_tokens, num_seqs, kind = key
-        variant = _step_variant_of_burst(num_tokens, num_seqs, self.decode_variant)
+        variant = step_variant_of_burst(num_tokens, num_seqs, self.decode_variant)
         step = self._make_step(variant=variant, **self._step_options)
         select = None if kind.mode == GREEDY else self._select(kind.mode)
         return make_fused(step, select, num_steps=self.fused_burst_steps, page_size=self.page_size)
@@ -254,46 +254,12 @@ class ModelRunner(StepDispatch):
     def warmup_keys(
         self, logprobs: bool = False, decode_bursts: bool = False, async_scheduling: bool = False
     ) -> list:
-        """Every executable warmup compiles: the step of each reachable bucket (and its
-        decode-only and prompt-scoring variants where they apply), the selectors, the page
-        copies, the burst advances, the input unpacking of each bucket (``runtime.wire``; with
-        async scheduling also its token-feeding twin). With ``fold_inputs`` the steps unpack
-        their own inputs (``runtime.folded``), and a non-fused burst's further steps are the
-        plain step executables of the decode buckets."""
-        variants = ("plain", "prompt") if logprobs else ("plain",)
-        reachable = self.buckets.reachable()
-        fold = Folded if self.fold_inputs else lambda kind: kind
-        keys = [ExecutableKey(*bucket, fold(v)) for bucket in reachable for v in variants]
-        if not self.fold_inputs:
-            keys += [ExecutableKey(*bucket, "unpack") for bucket in reachable]
-        if self.decode_variant:
-            decode = [b for b in self.buckets.decode_buckets() if b[0] == b[1]]
-            keys += [ExecutableKey(*b, fold("decode")) for b in decode]
-        # sampling, and greedy with candidates' logprobs (beam search)
-        modes = [SelectMode(True, False, False), SelectMode(True, True, False)]
-        modes.append(GREEDY._replace(logprobs=True))
-        if logprobs:
-            modes += [m._replace(logprobs=True) for m in modes[:2]]
-        seq_buckets = sorted({s for _, s in reachable})
-        keys += [ExecutableKey(0, s, m) for s in seq_buckets for m in modes]
-        keys += [ExecutableKey(0, s, "controls") for s in seq_buckets]
-        keys += [ExecutableKey(0, s, "copy") for s in self.buckets.seq_buckets]
-        if decode_bursts:
-            keys += [ExecutableKey(*b, "advance") for b in self.buckets.decode_buckets()]
-            if self.fold_inputs:  # a burst's further steps take their inputs from advance
-                keys += [ExecutableKey(*b, _step_variant_of_burst(*b, self.decode_variant))
-                         for b in self.buckets.decode_buckets()]  # fmt: skip
-            if self.fused_burst_steps:
-                keys += [ExecutableKey(*b, fold(FusedBurst(mode))) for b in
-                         self.buckets.decode_buckets() for mode in BURST_MODES]  # fmt: skip
-        if async_scheduling:
-            keys += [ExecutableKey(0, s, "widen") for s in self.buckets.seq_buckets]
-            if decode_bursts:
-                burst_seqs = sorted({s for _, s in self.buckets.decode_buckets()})
-                keys += [ExecutableKey(0, s, "keep") for s in burst_seqs]
-            if not self.fold_inputs:
-                keys += [ExecutableKey(*bucket, "unpack_feed") for bucket in reachable]
-        return list(dict.fromkeys(keys))
+        """Every executable warmup compiles (``runtime.warmup.warmup_keys``)."""
+        return warmup_keys(
+            self.buckets, fold_inputs=self.fold_inputs, decode_variant=self.decode_variant,
+            fused_burst_steps=self.fused_burst_steps, logprobs=logprobs,
+            decode_bursts=decode_bursts, async_scheduling=async_scheduling,
+        )  # fmt: skip
 
     def fill_free_pages(self, page_ids: list[int], value: float = float("nan")) -> None:
         """Overwrite pages (e.g. every free one) with ``value``: a test hook for stray reads.
